@@ -1,0 +1,478 @@
+//! The HTTP surface: routes, shared state, the bearer-token extractor, and the one place
+//! where errors become statuses.
+//!
+//! Every error answer is `application/problem+json` (RFC 9457) with `type`, `title`, `status`
+//! and `detail`. Internal failures are logged once here and answered generically; database
+//! and Stripe details never reach the client. Checkout and webhook handling live in their
+//! own modules; the small read-only handlers live here.
+
+use std::error::Error as _;
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, State};
+use axum::http::header::{AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tollgate_auth::{BearerVerifier, UserId};
+
+use crate::catalog::{Catalog, Package, Tokens};
+use crate::checkout::{self, CheckoutError};
+use crate::config::{Config, Environment, Secret, WebhookSettings};
+use crate::db::Pool;
+use crate::ledger::{self, LedgerError, Transaction};
+use crate::metrics::Metrics;
+use crate::stripe::{StripeClient, StripeError};
+use crate::webhook::{self, signature::SignatureError, WebhookError};
+
+/// Largest accepted checkout request body, in bytes.
+const CHECKOUT_BODY_LIMIT: usize = 16 * 1024;
+
+/// Most ledger rows returned by `GET /api/v1/tokens/transactions`.
+const TRANSACTIONS_PAGE: u32 = 100;
+
+// ===== State =====
+
+/// What every handler shares. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<Inner>,
+}
+
+/// The contents of [`AppState`]; its fields are for this crate's handlers only.
+pub struct Inner {
+    pub(crate) pool: Pool,
+    pub(crate) catalog: Catalog,
+    pub(crate) metrics: Metrics,
+    pub(crate) webhook: WebhookSettings,
+    /// `None` when `STRIPE_WEBHOOK_SECRET` is unset: deliveries get 503.
+    pub(crate) webhook_secret: Option<Secret>,
+    /// `None` when `STRIPE_SECRET_KEY` is unset: checkout gets 503.
+    pub(crate) stripe: Option<StripeClient>,
+    /// `None` when `JWT_SECRET` is unset: every bearer request gets 401.
+    verifier: Option<BearerVerifier>,
+    publishable_key: Option<String>,
+    checkout_expiry_secs: i64,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Inner;
+
+    fn deref(&self) -> &Inner {
+        &self.inner
+    }
+}
+
+impl AppState {
+    /// Assembles the state from the validated config, the environment and an open pool.
+    pub fn new(
+        config: &Config,
+        env: &Environment,
+        pool: Pool,
+        metrics: Metrics,
+    ) -> Result<Self, StripeError> {
+        let stripe = match &env.stripe_secret_key {
+            Some(key) => Some(StripeClient::new(
+                env.stripe_api_base.clone(),
+                key.clone(),
+                &config.stripe,
+            )?),
+            None => None,
+        };
+        let verifier = env
+            .jwt_secret
+            .as_ref()
+            .map(|secret| BearerVerifier::hs256(secret.expose().as_bytes()));
+        let checkout_expiry_secs =
+            i64::try_from(config.checkout.session_expiry.as_secs()).unwrap_or(86_400);
+
+        Ok(Self {
+            inner: Arc::new(Inner {
+                pool,
+                catalog: config.catalog.clone(),
+                metrics,
+                webhook: config.webhook.clone(),
+                webhook_secret: env.stripe_webhook_secret.clone(),
+                stripe,
+                verifier,
+                publishable_key: env.stripe_publishable_key.clone(),
+                checkout_expiry_secs,
+            }),
+        })
+    }
+
+    /// Seconds from now until a new Checkout Session expires.
+    pub(crate) fn checkout_expiry_secs(&self) -> i64 {
+        self.inner.checkout_expiry_secs
+    }
+}
+
+// ===== Routers and listeners =====
+
+/// The public API.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/api/v1/stripe/packages", get(list_packages))
+        .route("/api/v1/stripe/packages/{id}", get(get_package))
+        .route("/api/v1/stripe/config", get(stripe_config))
+        .route(
+            "/api/v1/stripe/checkout",
+            post(checkout::create).layer(DefaultBodyLimit::max(CHECKOUT_BODY_LIMIT)),
+        )
+        // The webhook reads its body itself, under its own configured limit.
+        .route("/api/v1/stripe/webhook", post(webhook::receive))
+        .route("/api/v1/tokens/balance", get(balance))
+        .route("/api/v1/tokens/transactions", get(transactions))
+        .fallback(|| async { ApiError::NotFound })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .with_state(state)
+}
+
+/// The internal listener's routes: `/healthz` and Prometheus `/metrics`.
+pub fn admin_router(metrics: Metrics) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/metrics",
+            get(|State(metrics): State<Metrics>| async move {
+                (
+                    [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+                    metrics.render(),
+                )
+            }),
+        )
+        .with_state(metrics)
+}
+
+/// Serves `router` on an already bound listener until `shutdown` completes, then lets
+/// in-flight requests finish.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+// ===== Authentication =====
+
+/// The user named by a valid `Authorization: Bearer` token. Extracting it from a request
+/// without one answers 401 with `WWW-Authenticate: Bearer`.
+#[derive(Debug)]
+pub struct AuthenticatedUser(pub UserId);
+
+impl FromRequestParts<AppState> for AuthenticatedUser {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let Some(verifier) = &state.verifier else {
+            return Err(ApiError::Unauthorized);
+        };
+        let header = parts
+            .headers
+            .get(AUTHORIZATION)
+            .map(|value| value.as_bytes());
+        match verifier.verify_header(header) {
+            Ok(user) => Ok(Self(user)),
+            Err(error) => {
+                tracing::debug!(error = %error, "bearer token rejected");
+                Err(ApiError::Unauthorized)
+            }
+        }
+    }
+}
+
+// ===== Read-only handlers =====
+
+#[derive(Serialize)]
+struct PackageView<'a> {
+    id: &'a str,
+    name: &'a str,
+    tokens: Tokens,
+    price_cents: i64,
+    currency: &'a str,
+    popular: bool,
+    savings_percent: u32,
+}
+
+impl<'a> PackageView<'a> {
+    fn new(catalog: &'a Catalog, package: &'a Package) -> Self {
+        Self {
+            id: package.id.as_str(),
+            name: &package.name,
+            tokens: package.tokens,
+            price_cents: package.price.0,
+            currency: catalog.currency(),
+            popular: package.popular,
+            savings_percent: catalog.savings_percent(package),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct PackageList<'a> {
+    packages: Vec<PackageView<'a>>,
+}
+
+async fn list_packages(State(state): State<AppState>) -> Response {
+    let catalog = &state.catalog;
+    let packages = catalog
+        .packages()
+        .iter()
+        .map(|package| PackageView::new(catalog, package))
+        .collect();
+    Json(PackageList { packages }).into_response()
+}
+
+async fn get_package(State(state): State<AppState>, Path(id): Path<String>) -> Response {
+    let catalog = &state.catalog;
+    match catalog.get(&id) {
+        Some(package) => Json(PackageView::new(catalog, package)).into_response(),
+        None => ApiError::UnknownPackage(id).into_response(),
+    }
+}
+
+#[derive(Serialize)]
+struct PublicStripeConfig<'a> {
+    /// `null` when `STRIPE_PUBLISHABLE_KEY` is unset.
+    publishable_key: Option<&'a str>,
+    currency: &'a str,
+}
+
+async fn stripe_config(State(state): State<AppState>) -> Response {
+    Json(PublicStripeConfig {
+        publishable_key: state.publishable_key.as_deref(),
+        currency: state.catalog.currency(),
+    })
+    .into_response()
+}
+
+#[derive(Serialize)]
+struct Balance {
+    user_id: String,
+    balance: Tokens,
+}
+
+async fn balance(
+    State(state): State<AppState>,
+    AuthenticatedUser(user): AuthenticatedUser,
+) -> Result<Json<Balance>, ApiError> {
+    let balance = ledger::balance(&state.pool, &user).await?;
+    Ok(Json(Balance {
+        user_id: user.to_string(),
+        balance,
+    }))
+}
+
+#[derive(Serialize)]
+struct TransactionList {
+    user_id: String,
+    transactions: Vec<Transaction>,
+}
+
+async fn transactions(
+    State(state): State<AppState>,
+    AuthenticatedUser(user): AuthenticatedUser,
+) -> Result<Json<TransactionList>, ApiError> {
+    let transactions = ledger::transactions(&state.pool, &user, TRANSACTIONS_PAGE).await?;
+    Ok(Json(TransactionList {
+        user_id: user.to_string(),
+        transactions,
+    }))
+}
+
+// ===== Errors =====
+
+/// Every way a request can fail, from every module. [`ApiError::status`] and the
+/// `IntoResponse` impl below are the only place that turns a failure into a status.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("a valid bearer token is required")]
+    Unauthorized,
+    #[error("no such resource")]
+    NotFound,
+    #[error("method not allowed on this resource")]
+    MethodNotAllowed,
+    #[error("no package with id {0:?}")]
+    UnknownPackage(String),
+    #[error(transparent)]
+    Body(#[from] BytesRejection),
+    #[error(transparent)]
+    Checkout(#[from] CheckoutError),
+    #[error(transparent)]
+    Webhook(#[from] WebhookError),
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::NotFound | Self::UnknownPackage(_) => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Body(rejection) => rejection.status(),
+            Self::Checkout(error) => match error {
+                CheckoutError::InvalidBody(_) => StatusCode::BAD_REQUEST,
+                CheckoutError::UnknownPackage(_) => StatusCode::NOT_FOUND,
+                CheckoutError::InvalidUrl { .. } | CheckoutError::UnusableUserId => {
+                    StatusCode::UNPROCESSABLE_ENTITY
+                }
+                CheckoutError::NotConfigured
+                | CheckoutError::Stripe(StripeError::Unreachable(_))
+                | CheckoutError::Stripe(StripeError::ClientSetup(_)) => {
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
+                CheckoutError::Stripe(_) => StatusCode::BAD_GATEWAY,
+                CheckoutError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            },
+            Self::Webhook(error) => match error {
+                WebhookError::NotConfigured => StatusCode::SERVICE_UNAVAILABLE,
+                WebhookError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+                WebhookError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+                WebhookError::BodyRead
+                | WebhookError::Signature(_)
+                | WebhookError::InvalidEvent(_) => StatusCode::BAD_REQUEST,
+                WebhookError::Storage(_) | WebhookError::Ledger(_) => {
+                    StatusCode::INTERNAL_SERVER_ERROR
+                }
+            },
+            Self::Ledger(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The `type` slug and `title` of the problem document.
+    fn kind(&self) -> (&'static str, &'static str) {
+        match self {
+            Self::Unauthorized => ("unauthorized", "Authentication required"),
+            Self::NotFound => ("not-found", "Not found"),
+            Self::MethodNotAllowed => ("method-not-allowed", "Method not allowed"),
+            Self::UnknownPackage(_) | Self::Checkout(CheckoutError::UnknownPackage(_)) => {
+                ("unknown-package", "Unknown package")
+            }
+            Self::Body(_) | Self::Checkout(CheckoutError::InvalidBody(_)) => {
+                ("invalid-body", "Invalid request body")
+            }
+            Self::Checkout(CheckoutError::InvalidUrl { .. }) => ("invalid-url", "Invalid URL"),
+            Self::Checkout(CheckoutError::UnusableUserId) => {
+                ("unusable-user-id", "User id not accepted for payments")
+            }
+            Self::Checkout(CheckoutError::NotConfigured) => {
+                ("payments-not-configured", "Payments are not configured")
+            }
+            Self::Checkout(CheckoutError::Stripe(_)) => {
+                ("payment-provider-error", "Payment provider error")
+            }
+            Self::Webhook(WebhookError::NotConfigured) => (
+                "webhook-not-configured",
+                "Webhook verification is not configured",
+            ),
+            Self::Webhook(WebhookError::BodyTooLarge { .. }) => {
+                ("body-too-large", "Request body too large")
+            }
+            Self::Webhook(WebhookError::BodyTimeout | WebhookError::BodyRead) => {
+                ("body-not-received", "Request body not received")
+            }
+            Self::Webhook(WebhookError::Signature(SignatureError::TimestampOutsideTolerance {
+                ..
+            })) => ("stale-signature", "Signature timestamp outside tolerance"),
+            Self::Webhook(WebhookError::Signature(_)) => {
+                ("invalid-signature", "Invalid webhook signature")
+            }
+            Self::Webhook(WebhookError::InvalidEvent(_)) => ("invalid-event", "Invalid event"),
+            Self::Checkout(CheckoutError::Storage(_))
+            | Self::Webhook(WebhookError::Storage(_) | WebhookError::Ledger(_))
+            | Self::Ledger(_) => ("internal", "Internal error"),
+        }
+    }
+
+    /// The human-readable `detail`. Server-side failures get a fixed sentence so that no
+    /// database or Stripe detail leaks.
+    fn detail(&self) -> String {
+        let status = self.status();
+        match self {
+            Self::Checkout(CheckoutError::Stripe(_)) if status == StatusCode::BAD_GATEWAY => {
+                "the payment provider refused to open a checkout session".to_owned()
+            }
+            Self::Checkout(CheckoutError::Stripe(_)) => {
+                "the payment provider cannot be reached; try again later".to_owned()
+            }
+            Self::Checkout(CheckoutError::NotConfigured) => {
+                "this server has no Stripe secret key configured".to_owned()
+            }
+            Self::Webhook(WebhookError::NotConfigured) => {
+                "this server has no Stripe webhook secret configured".to_owned()
+            }
+            _ if status.is_server_error() => {
+                "the request could not be completed; try again later".to_owned()
+            }
+            _ => self.to_string(),
+        }
+    }
+}
+
+/// An RFC 9457 problem document.
+#[derive(Serialize)]
+struct Problem {
+    #[serde(rename = "type")]
+    problem_type: String,
+    title: &'static str,
+    status: u16,
+    detail: String,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            let stripe_request_id = match &self {
+                Self::Checkout(CheckoutError::Stripe(error)) => error.request_id(),
+                _ => None,
+            };
+            tracing::error!(
+                error = %error_chain(&self),
+                http.status = status.as_u16(),
+                stripe.request_id = stripe_request_id,
+                "request failed"
+            );
+        }
+
+        let (slug, title) = self.kind();
+        let problem = Problem {
+            problem_type: format!("urn:tollgate:problem:{slug}"),
+            title,
+            status: status.as_u16(),
+            detail: self.detail(),
+        };
+        let mut response = (status, Json(problem)).into_response();
+        let headers = response.headers_mut();
+        headers.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if status == StatusCode::UNAUTHORIZED {
+            headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+/// The error and all its sources, joined with `: `, for one log line.
+fn error_chain(error: &ApiError) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
