@@ -86,6 +86,16 @@ impl BearerVerifier {
         Self::new(DecodingKey::from_secret(secret), Algorithm::HS256)
     }
 
+    /// A verifier for RS256 tokens, given the issuer's RSA public key in PEM.
+    pub fn rs256_pem(pem: &[u8]) -> Result<Self, AuthError> {
+        Ok(Self::new(DecodingKey::from_rsa_pem(pem)?, Algorithm::RS256))
+    }
+
+    /// A verifier for EdDSA (Ed25519) tokens, given the issuer's public key in PEM.
+    pub fn ed25519_pem(pem: &[u8]) -> Result<Self, AuthError> {
+        Ok(Self::new(DecodingKey::from_ed_pem(pem)?, Algorithm::EdDSA))
+    }
+
     fn new(key: DecodingKey, algorithm: Algorithm) -> Self {
         let mut validation = Validation::new(algorithm);
         validation.leeway = LEEWAY_SECS;

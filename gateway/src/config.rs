@@ -7,10 +7,13 @@
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::ops::Range;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
+use ipnet::IpNet;
 use serde::Deserialize;
 use toml::Spanned;
+
+pub use crate::store::Algorithm;
 
 /// A configuration error, already rendered with the file name, line and column.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +36,10 @@ pub enum ConfigError {
 struct RawConfig {
     #[serde(default)]
     server: RawServer,
+    #[serde(default)]
+    identity: RawIdentity,
+    #[serde(default)]
+    store: RawStore,
     upstreams: BTreeMap<String, RawUpstream>,
     routes: Vec<RawRoute>,
     #[serde(default)]
@@ -53,6 +60,9 @@ struct RawServer {
     threads: usize,
     health_paths: Vec<String>,
     body_read_timeout_secs: u64,
+    body_timeout_secs: u64,
+    max_header_bytes: usize,
+    max_body_bytes: u64,
 }
 
 impl Default for RawServer {
@@ -63,6 +73,41 @@ impl Default for RawServer {
             threads: 2,
             health_paths: vec!["/healthz".into()],
             body_read_timeout_secs: 10,
+            body_timeout_secs: 30,
+            max_header_bytes: 16 * 1024,
+            max_body_bytes: 10 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawStore {
+    max_tracked_clients: usize,
+}
+
+impl Default for RawStore {
+    fn default() -> Self {
+        Self { max_tracked_clients: 1_000_000 }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawIdentity {
+    trusted_proxies: Vec<Spanned<String>>,
+    forwarded_header: ForwardedHeader,
+    ipv6_prefix: Spanned<u8>,
+    fingerprint_header: Option<String>,
+}
+
+impl Default for RawIdentity {
+    fn default() -> Self {
+        Self {
+            trusted_proxies: Vec::new(),
+            forwarded_header: ForwardedHeader::XForwardedFor,
+            ipv6_prefix: Spanned::new(0..0, 64),
+            fingerprint_header: None,
         }
     }
 }
@@ -76,15 +121,47 @@ struct RawUpstream {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRoute {
-    name: String,
+    name: Spanned<String>,
     path_prefix: Spanned<String>,
     upstream: Spanned<String>,
+    #[serde(default = "one")]
+    cost: Spanned<u64>,
+    max_body_bytes: Option<u64>,
+    cors: Option<RawCors>,
+}
+
+fn one() -> Spanned<u64> {
+    Spanned::new(0..0, 1)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCors {
+    allow_origins: Vec<String>,
+    #[serde(default = "default_cors_methods")]
+    allow_methods: Vec<String>,
+    #[serde(default)]
+    allow_headers: Vec<String>,
+    #[serde(default)]
+    expose_headers: Vec<String>,
+    #[serde(default = "default_cors_max_age")]
+    max_age_secs: u64,
+}
+
+fn default_cors_methods() -> Vec<String> {
+    ["GET", "POST", "OPTIONS"].map(String::from).to_vec()
+}
+
+fn default_cors_max_age() -> u64 {
+    600
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawAuth {
     invalid_token: InvalidTokenPolicy,
+    algorithm: TokenAlgorithm,
+    public_key_file: Option<Spanned<String>>,
     issuer: Option<String>,
     audience: Option<String>,
 }
@@ -93,6 +170,8 @@ impl Default for RawAuth {
     fn default() -> Self {
         Self {
             invalid_token: InvalidTokenPolicy::Anonymous,
+            algorithm: TokenAlgorithm::Hs256,
+            public_key_file: None,
             issuer: None,
             audience: None,
         }
@@ -145,7 +224,20 @@ struct RawLimit {
     quantity_env: Option<String>,
     window_secs: Spanned<u64>,
     #[serde(default)]
-    algorithm: Algorithm,
+    algorithm: AlgorithmName,
+    burst: Option<Spanned<u64>>,
+    fingerprint_quantity: Option<Spanned<u64>>,
+    #[serde(default)]
+    mode: LimitMode,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+enum AlgorithmName {
+    #[default]
+    SlidingWindow,
+    FixedWindow,
+    TokenBucket,
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -176,13 +268,54 @@ pub enum Audience {
     Everyone,
 }
 
-/// How a limit counts. Only the rolling window exists so far; see [`crate::store`].
+/// Which forwarding header trusted proxies use to name the client.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+pub enum ForwardedHeader {
+    /// `X-Forwarded-For: client, proxy1, proxy2` (default).
+    #[serde(rename = "x-forwarded-for")]
+    XForwardedFor,
+    /// RFC 7239 `Forwarded: for=client, for=proxy1`.
+    #[serde(rename = "forwarded")]
+    Forwarded,
+}
+
+/// The signature algorithm of bearer tokens.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+pub enum TokenAlgorithm {
+    /// HMAC-SHA256 with the shared secret in `JWT_SECRET` (default).
+    #[serde(rename = "HS256")]
+    Hs256,
+    /// RSA PKCS#1 v1.5 with SHA-256; the public key is `auth.public_key_file` (PEM).
+    #[serde(rename = "RS256")]
+    Rs256,
+    /// Ed25519; the public key is `auth.public_key_file` (PEM).
+    #[serde(rename = "EdDSA")]
+    EdDsa,
+}
+
+/// Whether a limit refuses requests or only measures what it would refuse.
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
-pub enum Algorithm {
-    /// At most `quantity` requests in any `window_secs`-long span (default).
+pub enum LimitMode {
+    /// Over-limit requests get 429 (default).
     #[default]
-    SlidingWindow,
+    Enforce,
+    /// Decisions are counted in metrics only; no request is refused and no header is sent.
+    Shadow,
+}
+
+/// CORS policy of a route, applied by the gateway to every response of the route, its own
+/// 429s included, and used to answer preflights.
+#[derive(Clone, Debug)]
+pub struct CorsConfig {
+    /// Exact origins allowed, or `*`.
+    pub allow_origins: Vec<String>,
+    pub allow_methods: Vec<String>,
+    pub allow_headers: Vec<String>,
+    /// Response headers a browser may read; the rate-limit headers belong here.
+    pub expose_headers: Vec<String>,
+    /// How long a browser may cache a preflight answer, in seconds. Default 600.
+    pub max_age_secs: u64,
 }
 
 /// Where a limit applies: a set of methods (empty means all) and an exact path or a prefix,
@@ -206,11 +339,15 @@ pub struct LimitConfig {
     pub name: String,
     pub matcher: RouteMatcher,
     pub applies_to: Audience,
-    /// Requests admitted per window; at least 1.
+    /// Requests admitted per window; at least 1. For a token bucket, the steady rate.
     pub quantity: u64,
     /// Window length in seconds; at least 1.
     pub window_secs: u64,
     pub algorithm: Algorithm,
+    /// With fingerprints on, what each fingerprint of an address may use; `quantity` is then
+    /// the ceiling of the whole address. `None`: fingerprints do not split this limit.
+    pub fingerprint_quantity: Option<u64>,
+    pub mode: LimitMode,
 }
 
 /// A named upstream and the route prefix that sends traffic to it.
@@ -221,6 +358,34 @@ pub struct RouteConfig {
     /// The `[upstreams]` entry this route names.
     pub upstream_name: String,
     pub upstream: SocketAddr,
+    /// Units each request of this route uses in every limit that counts it. Default 1.
+    pub cost: u64,
+    /// Body ceiling in bytes; larger bodies get 413. Default `server.max_body_bytes`.
+    pub max_body_bytes: u64,
+    pub cors: Option<CorsConfig>,
+}
+
+/// How the client address is found and grouped.
+#[derive(Clone, Debug)]
+pub struct IdentityConfig {
+    /// Peers whose forwarding header is believed. Default: none.
+    pub trusted_proxies: Vec<IpNet>,
+    pub forwarded_header: ForwardedHeader,
+    /// IPv6 clients are grouped by this prefix length. Default 64.
+    pub ipv6_prefix: u8,
+    /// Header whose value splits an address's budget; `None` (default) turns that off.
+    pub fingerprint_header: Option<http::HeaderName>,
+}
+
+/// How bearer tokens are verified.
+#[derive(Clone, Debug)]
+pub struct AuthConfig {
+    pub invalid_token: InvalidTokenPolicy,
+    pub algorithm: TokenAlgorithm,
+    /// PEM public key for RS256 and EdDSA.
+    pub public_key_file: Option<PathBuf>,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
 }
 
 /// The whole validated configuration.
@@ -236,11 +401,18 @@ pub struct GatewayConfig {
     pub health_paths: Vec<String>,
     /// Longest pause allowed between two reads of a request body, in seconds. Default 10.
     pub body_read_timeout_secs: u64,
+    /// Longest time to receive a whole request body, in seconds. Default 30.
+    pub body_timeout_secs: u64,
+    /// Largest request head (request line and headers), in bytes; larger gets 431. Default
+    /// 16 KiB.
+    pub max_header_bytes: usize,
+    /// Clients the memory store tracks at most; see [`crate::store::MemoryStore`]. Default
+    /// 1,000,000. Applies at start.
+    pub max_tracked_clients: usize,
     /// Routes in the order written; the longest matching prefix wins.
     pub routes: Vec<RouteConfig>,
-    pub invalid_token: InvalidTokenPolicy,
-    pub issuer: Option<String>,
-    pub audience: Option<String>,
+    pub identity: IdentityConfig,
+    pub auth: AuthConfig,
     /// The exact path of the Stripe webhook, exempt from every limit for `POST`.
     pub webhook_path: String,
     /// Body ceiling of the webhook route, in bytes. Default 1 MiB.
@@ -280,6 +452,50 @@ impl GatewayConfig {
     }
 }
 
+/// Command-line overrides, applied on top of the file at start and again at every reload.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    pub listen: Option<String>,
+    pub admin_listen: Option<String>,
+    /// `(upstream name, address)` pairs replacing `[upstreams.NAME] address`.
+    pub upstreams: Vec<(String, SocketAddr)>,
+}
+
+impl GatewayConfig {
+    /// Loads `path` and applies `overrides`.
+    pub fn load_with(
+        path: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+        overrides: &Overrides,
+    ) -> Result<Self, ConfigError> {
+        let mut config = Self::load(path, env)?;
+        if let Some(listen) = &overrides.listen {
+            config.listen = listen.clone();
+        }
+        if let Some(admin) = &overrides.admin_listen {
+            config.admin_listen = admin.clone();
+        }
+        for (name, address) in &overrides.upstreams {
+            let mut routes = config
+                .routes
+                .iter_mut()
+                .filter(|route| route.upstream_name == *name);
+            let mut found = false;
+            for route in &mut routes {
+                route.upstream = *address;
+                found = true;
+            }
+            if !found {
+                return Err(ConfigError::Invalid {
+                    path: path.display().to_string(),
+                    message: format!("override for upstream {name}: no route uses it"),
+                });
+            }
+        }
+        Ok(config)
+    }
+}
+
 struct Validator<'a> {
     source: &'a str,
     env: &'a dyn Fn(&str) -> Option<String>,
@@ -304,22 +520,7 @@ impl Validator<'_> {
 
         let mut routes = Vec::new();
         for route in raw.routes {
-            let Some(&upstream) = upstreams.get(route.upstream.get_ref()) else {
-                return self.fail(
-                    route.upstream.span(),
-                    format!(
-                        "routes.upstream names no [upstreams] entry: {}",
-                        route.upstream.get_ref()
-                    ),
-                );
-            };
-            self.check_path(&route.path_prefix, "routes.path_prefix")?;
-            routes.push(RouteConfig {
-                name: route.name,
-                path_prefix: route.path_prefix.into_inner(),
-                upstream_name: route.upstream.into_inner(),
-                upstream,
-            });
+            routes.push(self.validate_route(route, &upstreams, raw.server.max_body_bytes)?);
         }
         self.check_path(&raw.webhook.path, "webhook.path")?;
 
@@ -343,15 +544,104 @@ impl Validator<'_> {
             threads: server.threads,
             health_paths: server.health_paths,
             body_read_timeout_secs: server.body_read_timeout_secs.max(1),
+            body_timeout_secs: server.body_timeout_secs.max(1),
+            max_header_bytes: server.max_header_bytes,
+            max_tracked_clients: raw.store.max_tracked_clients.max(1),
             routes,
-            invalid_token: raw.auth.invalid_token,
-            issuer: raw.auth.issuer,
-            audience: raw.auth.audience,
+            identity: self.validate_identity(raw.identity)?,
+            auth: self.validate_auth(raw.auth)?,
             webhook_path: raw.webhook.path.into_inner(),
             webhook_max_body_bytes: raw.webhook.max_body_bytes,
             sign_in_url: raw.problem.sign_in_url,
             buy_tokens_url: raw.problem.buy_tokens_url,
             limits,
+        })
+    }
+
+    fn validate_route(
+        &self,
+        route: RawRoute,
+        upstreams: &BTreeMap<String, SocketAddr>,
+        default_max_body: u64,
+    ) -> Result<RouteConfig, String> {
+        let Some(&upstream) = upstreams.get(route.upstream.get_ref()) else {
+            let name = route.upstream.get_ref();
+            return self.fail(
+                route.upstream.span(),
+                format!("no [upstreams.{name}] is declared"),
+            );
+        };
+        self.check_path(&route.path_prefix, "routes.path_prefix")?;
+        if *route.cost.get_ref() == 0 {
+            return self.fail(route.cost.span(), "routes.cost must be at least 1");
+        }
+        let cors = route.cors.map(|cors| CorsConfig {
+            allow_origins: cors.allow_origins,
+            allow_methods: cors.allow_methods,
+            allow_headers: cors.allow_headers,
+            expose_headers: cors.expose_headers,
+            max_age_secs: cors.max_age_secs,
+        });
+        Ok(RouteConfig {
+            name: route.name.into_inner(),
+            path_prefix: route.path_prefix.into_inner(),
+            upstream_name: route.upstream.into_inner(),
+            upstream,
+            cost: route.cost.into_inner(),
+            max_body_bytes: route.max_body_bytes.unwrap_or(default_max_body),
+            cors,
+        })
+    }
+
+    fn validate_identity(&self, raw: RawIdentity) -> Result<IdentityConfig, String> {
+        let mut trusted_proxies = Vec::new();
+        for cidr in &raw.trusted_proxies {
+            let text = cidr.get_ref();
+            let parsed = text
+                .parse::<IpNet>()
+                .or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from));
+            match parsed {
+                Ok(net) => trusted_proxies.push(net),
+                Err(_) => {
+                    let message = format!("identity.trusted_proxies: {text:?} is not a CIDR");
+                    return self.fail(cidr.span(), message);
+                }
+            }
+        }
+        let prefix = *raw.ipv6_prefix.get_ref();
+        if !(1..=128).contains(&prefix) {
+            return self.fail(
+                raw.ipv6_prefix.span(),
+                "identity.ipv6_prefix must be 1 to 128",
+            );
+        }
+        let fingerprint_header = match raw.fingerprint_header {
+            None => None,
+            Some(name) => Some(http::HeaderName::try_from(name.as_str()).map_err(|_| {
+                format!("identity.fingerprint_header {name:?} is not a header name")
+            })?),
+        };
+        Ok(IdentityConfig {
+            trusted_proxies,
+            forwarded_header: raw.forwarded_header,
+            ipv6_prefix: prefix,
+            fingerprint_header,
+        })
+    }
+
+    fn validate_auth(&self, raw: RawAuth) -> Result<AuthConfig, String> {
+        let needs_key = raw.algorithm != TokenAlgorithm::Hs256;
+        if needs_key && raw.public_key_file.is_none() {
+            return Err("auth.public_key_file is required for RS256 and EdDSA".into());
+        }
+        Ok(AuthConfig {
+            invalid_token: raw.invalid_token,
+            algorithm: raw.algorithm,
+            public_key_file: raw
+                .public_key_file
+                .map(|file| PathBuf::from(file.into_inner())),
+            issuer: raw.issuer,
+            audience: raw.audience,
         })
     }
 
@@ -399,6 +689,26 @@ impl Validator<'_> {
                 "limits.window_secs must be at least 1",
             );
         }
+        let algorithm = match (raw.algorithm, &raw.burst) {
+            (AlgorithmName::TokenBucket, Some(burst)) if *burst.get_ref() == 0 => {
+                return self.fail(burst.span(), "limits.burst must be at least 1");
+            }
+            (AlgorithmName::TokenBucket, burst) => Algorithm::TokenBucket {
+                burst: burst.as_ref().map_or(quantity, |burst| *burst.get_ref()),
+            },
+            (_, Some(burst)) => {
+                return self.fail(burst.span(), "limits.burst applies to token_bucket only");
+            }
+            (AlgorithmName::SlidingWindow, None) => Algorithm::SlidingWindow,
+            (AlgorithmName::FixedWindow, None) => Algorithm::FixedWindow,
+        };
+        let fingerprint_quantity = match raw.fingerprint_quantity {
+            Some(per) if *per.get_ref() == 0 || *per.get_ref() > quantity => {
+                let message = "limits.fingerprint_quantity must be 1 to quantity";
+                return self.fail(per.span(), message);
+            }
+            other => other.map(Spanned::into_inner),
+        };
 
         Ok(LimitConfig {
             name: name.clone(),
@@ -409,7 +719,9 @@ impl Validator<'_> {
             applies_to: raw.applies_to,
             quantity,
             window_secs: *raw.window_secs.get_ref(),
-            algorithm: raw.algorithm,
+            algorithm,
+            fingerprint_quantity,
+            mode: raw.mode,
         })
     }
 

@@ -1,35 +1,38 @@
 //! Who is calling: a verified user, or an anonymous client known only by its address.
 //!
-//! Addresses are never stored or logged as such. They are grouped (an IPv4-mapped IPv6 address
-//! is its IPv4 address; an IPv6 address stands for its /64, the allocation one subscriber
-//! usually holds) and hashed with HMAC-SHA256 under a secret key into a [`ClientKey`]. A bearer
-//! token names a user only after its signature and claims check out; anything else about the
-//! `Authorization` header leaves the caller anonymous, under its address's one budget.
+//! The client address is the TCP peer unless that peer is a trusted proxy; only then is the
+//! forwarding header read, from the right, skipping trusted hops, so a client can never pick its
+//! own address. Addresses are then grouped (an IPv4-mapped IPv6 address is its IPv4 address; an
+//! IPv6 address stands for its network of `ipv6_prefix` bits) and hashed with HMAC-SHA256 under
+//! a secret key into a [`ClientKey`]; raw addresses go no further. A bearer token names a user
+//! only after its signature and claims check out; anything else leaves the caller anonymous,
+//! under its address's one budget.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv6Addr};
 
 use hmac::{Hmac, Mac};
+use http::HeaderMap;
 use sha2::Sha256;
 use tollgate_auth::{AuthError, BearerVerifier, UserId};
 
-/// Prefix length by which IPv6 clients are grouped.
-const IPV6_GROUP_PREFIX: u32 = 64;
+use crate::config::{ForwardedHeader, IdentityConfig};
 
 /// A fixed-length, keyed hash naming one client to the counter store. It reveals nothing about
 /// the address or user behind it without the key.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ClientKey([u8; 32]);
 
-impl fmt::Debug for ClientKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "ClientKey({})", hex::encode(&self.0[..6]))
+impl ClientKey {
+    /// The key as bytes, for stores that need a textual or binary form.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
     }
 }
 
-impl fmt::Display for ClientKey {
+impl fmt::Debug for ClientKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&hex::encode(&self.0[..8]))
+        write!(f, "ClientKey({})", hex::encode(&self.0[..6]))
     }
 }
 
@@ -48,12 +51,12 @@ impl IdentityKey {
         Self(rand::random::<[u8; 32]>().to_vec())
     }
 
-    fn derive(&self, domain: &[u8], material: &[u8]) -> ClientKey {
+    fn mac(&self, domain: &[u8], material: &[u8]) -> [u8; 32] {
         let mut mac = Hmac::<Sha256>::new_from_slice(&self.0)
             .expect("HMAC-SHA256 accepts keys of any length");
         mac.update(domain);
         mac.update(material);
-        ClientKey(mac.finalize().into_bytes().into())
+        mac.finalize().into_bytes().into()
     }
 }
 
@@ -71,6 +74,8 @@ pub enum Caller {
     /// No token, or one that failed verification (`rejected_token` is then set).
     Anonymous {
         key: ClientKey,
+        /// The hashed fingerprint, when fingerprints are on and the request carried one.
+        fingerprint: Option<u64>,
         rejected_token: bool,
     },
 }
@@ -84,28 +89,48 @@ impl Caller {
     }
 }
 
-/// Turns a request's peer address and `Authorization` header into a [`Caller`].
+/// Everything identification learned about one request.
+#[derive(Clone, Debug)]
+pub struct Identified {
+    pub caller: Caller,
+    /// The resolved client address (before grouping), forwarded to the upstream.
+    pub client_ip: IpAddr,
+    /// The peer sent a forwarding header but is not a trusted proxy, so it was ignored.
+    pub forwarding_ignored: bool,
+}
+
+/// Turns a request's peer address and headers into an [`Identified`] caller.
 #[derive(Debug)]
 pub struct Identifier {
     key: IdentityKey,
     verifier: Option<BearerVerifier>,
+    config: IdentityConfig,
 }
 
 impl Identifier {
-    /// `verifier` is `None` when no token secret is configured; every caller is then anonymous.
-    pub fn new(key: IdentityKey, verifier: Option<BearerVerifier>) -> Self {
-        Self { key, verifier }
+    /// `verifier` is `None` when no token key is configured; every caller is then anonymous.
+    pub fn new(key: IdentityKey, verifier: Option<BearerVerifier>, config: IdentityConfig) -> Self {
+        Self {
+            key,
+            verifier,
+            config,
+        }
     }
 
-    pub fn identify(&self, peer: IpAddr, authorization: Option<&[u8]>) -> Caller {
+    pub fn identify(&self, peer: IpAddr, headers: &HeaderMap) -> Identified {
+        let (client_ip, forwarding_ignored) = self.resolve_address(peer, headers);
+        let authorization = headers
+            .get(http::header::AUTHORIZATION)
+            .map(|v| v.as_bytes());
         let user = match (&self.verifier, authorization) {
             (_, None) => Err(AuthError::Missing),
             (None, Some(_)) => Err(AuthError::NoKey),
             (Some(verifier), header) => verifier.verify_header(header),
         };
-        match user {
+
+        let caller = match user {
             Ok(id) => {
-                let key = self.key.derive(b"user\0", id.as_str().as_bytes());
+                let key = ClientKey(self.key.mac(b"user\0", id.as_str().as_bytes()));
                 Caller::User { id, key }
             }
             Err(error) => {
@@ -114,46 +139,151 @@ impl Identifier {
                     tracing::debug!(reason = %error, "bearer token not accepted");
                 }
                 Caller::Anonymous {
-                    key: self.address_key(peer),
+                    key: self.address_key(client_ip),
+                    fingerprint: self.fingerprint(headers),
                     rejected_token,
                 }
             }
+        };
+        Identified {
+            caller,
+            client_ip,
+            forwarding_ignored,
         }
     }
 
-    fn address_key(&self, peer: IpAddr) -> ClientKey {
-        match group(peer) {
-            IpAddr::V4(v4) => self.key.derive(b"ipv4\0", &v4.octets()),
-            IpAddr::V6(v6) => self.key.derive(b"ipv6\0", &v6.octets()),
+    /// The client address: the peer, or for a trusted peer the first untrusted hop of the
+    /// forwarding header read from the right. A hop that does not parse ends the walk at the
+    /// last address we could vouch for.
+    fn resolve_address(&self, peer: IpAddr, headers: &HeaderMap) -> (IpAddr, bool) {
+        let peer = canonical(peer);
+        let header = match self.config.forwarded_header {
+            ForwardedHeader::XForwardedFor => "x-forwarded-for",
+            ForwardedHeader::Forwarded => "forwarded",
+        };
+        let values = headers.get_all(header);
+        if !self.is_trusted(peer) {
+            return (peer, values.iter().next().is_some());
         }
+
+        let mut hops: Vec<&str> = Vec::new();
+        for value in values {
+            let Ok(value) = value.to_str() else {
+                return (peer, false);
+            };
+            hops.extend(value.split(','));
+        }
+        let mut client = peer;
+        for hop in hops.iter().rev() {
+            let parsed = match self.config.forwarded_header {
+                ForwardedHeader::XForwardedFor => parse_address(hop.trim()),
+                ForwardedHeader::Forwarded => forwarded_for(hop),
+            };
+            let Some(address) = parsed.map(canonical) else {
+                break;
+            };
+            client = address;
+            if !self.is_trusted(address) {
+                break;
+            }
+        }
+        (client, false)
+    }
+
+    fn is_trusted(&self, address: IpAddr) -> bool {
+        self.config
+            .trusted_proxies
+            .iter()
+            .any(|net| net.contains(&address))
+    }
+
+    fn address_key(&self, address: IpAddr) -> ClientKey {
+        match group(address, self.config.ipv6_prefix) {
+            IpAddr::V4(v4) => ClientKey(self.key.mac(b"ipv4\0", &v4.octets())),
+            IpAddr::V6(v6) => ClientKey(self.key.mac(b"ipv6\0", &v6.octets())),
+        }
+    }
+
+    /// A keyed 64-bit hash of the fingerprint header, whatever its length; a missing, empty
+    /// or blank value is no fingerprint.
+    fn fingerprint(&self, headers: &HeaderMap) -> Option<u64> {
+        let name = self.config.fingerprint_header.as_ref()?;
+        let value = headers.get(name)?.as_bytes().trim_ascii();
+        if value.is_empty() {
+            return None;
+        }
+        let digest = self.key.mac(b"fingerprint\0", value);
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&digest[..8]);
+        Some(u64::from_be_bytes(first))
     }
 }
 
-/// The address that stands for `peer`'s budget: IPv4 as is (also when IPv4-mapped), IPv6
-/// reduced to its /64 network.
-pub fn group(peer: IpAddr) -> IpAddr {
-    match peer {
-        IpAddr::V4(_) => peer,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let mask = u128::MAX << (128 - IPV6_GROUP_PREFIX);
-                IpAddr::V6(Ipv6Addr::from(u128::from(v6) & mask))
-            }
-        },
+/// An IPv4-mapped IPv6 address is its IPv4 address.
+fn canonical(address: IpAddr) -> IpAddr {
+    match address {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(address, IpAddr::V4),
+        IpAddr::V4(_) => address,
     }
+}
+
+/// The address that stands for a client's budget: IPv4 as is, IPv6 reduced to its network of
+/// `prefix` bits.
+pub fn group(address: IpAddr, prefix: u8) -> IpAddr {
+    match canonical(address) {
+        IpAddr::V6(v6) => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+            IpAddr::V6(Ipv6Addr::from(u128::from(v6) & mask))
+        }
+        v4 => v4,
+    }
+}
+
+/// Parses `192.0.2.1`, `192.0.2.1:443`, `2001:db8::1` or `[2001:db8::1]:443`.
+fn parse_address(text: &str) -> Option<IpAddr> {
+    if let Ok(address) = text.parse::<IpAddr>() {
+        return Some(address);
+    }
+    if let Ok(socket) = text.parse::<std::net::SocketAddr>() {
+        return Some(socket.ip());
+    }
+    let inner = text.strip_prefix('[')?.split(']').next()?;
+    inner.parse().ok()
+}
+
+/// The address in the `for=` parameter of one RFC 7239 `Forwarded` element.
+fn forwarded_for(element: &str) -> Option<IpAddr> {
+    element.split(';').find_map(|pair| {
+        let (name, value) = pair.trim().split_once('=')?;
+        if !name.trim().eq_ignore_ascii_case("for") {
+            return None;
+        }
+        parse_address(value.trim().trim_matches('"'))
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
 
+    use http::HeaderValue;
+
     use super::*;
 
-    fn identifier() -> Identifier {
+    fn config(trusted: &[&str], header: ForwardedHeader) -> IdentityConfig {
+        IdentityConfig {
+            trusted_proxies: trusted.iter().map(|net| net.parse().unwrap()).collect(),
+            forwarded_header: header,
+            ipv6_prefix: 64,
+            fingerprint_header: Some(http::HeaderName::from_static("x-fingerprint")),
+        }
+    }
+
+    fn identifier(trusted: &[&str]) -> Identifier {
         Identifier::new(
             IdentityKey::new(b"k".to_vec()),
             Some(BearerVerifier::hs256(b"jwt-secret")),
+            config(trusted, ForwardedHeader::XForwardedFor),
         )
     }
 
@@ -161,65 +291,158 @@ mod tests {
         text.parse().unwrap()
     }
 
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(*name, HeaderValue::from_str(value).unwrap());
+        }
+        map
+    }
+
+    fn resolve(id: &Identifier, peer: &str, pairs: &[(&'static str, &str)]) -> IpAddr {
+        id.identify(ip(peer), &headers(pairs)).client_ip
+    }
+
     #[test]
-    fn mapped_ipv4_and_plain_ipv4_share_a_key() {
-        let id = identifier();
+    fn untrusted_peers_cannot_choose_their_address() {
+        let id = identifier(&[]);
+        let identified = id.identify(
+            ip("198.51.100.7"),
+            &headers(&[("x-forwarded-for", "1.2.3.4")]),
+        );
+        assert_eq!(identified.client_ip, ip("198.51.100.7"));
+        assert!(identified.forwarding_ignored);
+    }
+
+    #[test]
+    fn trusted_chains_are_walked_from_the_right() {
+        let id = identifier(&["10.0.0.0/8"]);
+        let xff = |value| resolve(&id, "10.0.0.5", &[("x-forwarded-for", value)]);
+        assert_eq!(xff("203.0.113.10"), ip("203.0.113.10"));
+        // The client's own claim on the left is not believed past the first untrusted hop.
+        assert_eq!(xff("6.6.6.6, 203.0.113.10, 10.0.0.9"), ip("203.0.113.10"));
+        assert_eq!(xff(""), ip("10.0.0.5"));
+        assert_eq!(xff("garbage"), ip("10.0.0.5"));
+        assert_eq!(xff("10.1.1.1, 10.2.2.2"), ip("10.1.1.1"));
+        assert_eq!(resolve(&id, "10.0.0.6", &[]), ip("10.0.0.6"));
+        let split = [
+            ("x-forwarded-for", "203.0.113.1"),
+            ("x-forwarded-for", "203.0.113.2"),
+        ];
+        assert_eq!(resolve(&id, "10.0.0.5", &split), ip("203.0.113.2"));
+    }
+
+    #[test]
+    fn rfc_7239_forwarded_is_read_when_configured() {
+        let id = Identifier::new(
+            IdentityKey::new(b"k".to_vec()),
+            None,
+            config(&["10.0.0.0/8"], ForwardedHeader::Forwarded),
+        );
+        let value = "for=192.0.2.60;proto=http, for=\"[2001:db8:cafe::17]:4711\", for=10.0.0.2";
         assert_eq!(
-            id.identify(ip("::ffff:203.0.113.10"), None),
-            id.identify(ip("203.0.113.10"), None)
+            resolve(&id, "10.0.0.5", &[("forwarded", value)]),
+            ip("2001:db8:cafe::17")
+        );
+        let value = "for=192.0.2.43:47011;by=10.0.0.1";
+        assert_eq!(
+            resolve(&id, "10.0.0.5", &[("forwarded", value)]),
+            ip("192.0.2.43")
         );
     }
 
     #[test]
-    fn ipv6_addresses_in_one_64_share_a_key() {
-        let id = identifier();
-        let a = id.identify(ip("2001:db8:1:2::1"), None).key();
-        let b = id.identify(ip("2001:db8:1:2:ffff::9"), None).key();
-        let c = id.identify(ip("2001:db8:1:3::1"), None).key();
-        assert_eq!(a, b);
-        assert_ne!(a, c);
+    fn mapped_ipv4_and_plain_ipv4_share_a_key() {
+        let id = identifier(&[]);
+        let none = HeaderMap::new();
+        assert_eq!(
+            id.identify(ip("::ffff:203.0.113.10"), &none).caller,
+            id.identify(ip("203.0.113.10"), &none).caller
+        );
+    }
+
+    #[test]
+    fn ipv6_addresses_in_one_prefix_share_a_key() {
+        let id = identifier(&[]);
+        let key = |peer| id.identify(ip(peer), &HeaderMap::new()).caller.key();
+        assert_eq!(key("2001:db8:1:2::1"), key("2001:db8:1:2:ffff::9"));
+        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
+        assert_eq!(group(ip("2001:db8:1:2:3::1"), 48), ip("2001:db8:1::"));
+        assert_eq!(group(ip("2001:db8::1"), 128), ip("2001:db8::1"));
     }
 
     #[test]
     fn junk_tokens_fall_back_to_the_address_key() {
-        let id = identifier();
-        let plain = id.identify(ip("198.51.100.1"), None).key();
+        let id = identifier(&[]);
+        let plain = id
+            .identify(ip("198.51.100.1"), &HeaderMap::new())
+            .caller
+            .key();
         for header in [
-            &b"Bearer junk-1"[..],
-            b"Bearer junk-2",
-            b"n1 Bearer x",
-            b"Basic Zm9v",
+            "Bearer junk-1",
+            "Bearer junk-2",
+            "n1 Bearer x",
+            "Basic Zm9v",
         ] {
-            let caller = id.identify(ip("198.51.100.1"), Some(header));
-            assert_eq!(
-                caller,
-                Caller::Anonymous {
-                    key: plain,
-                    rejected_token: true
-                }
-            );
+            let caller = id.identify(ip("198.51.100.1"), &headers(&[("authorization", header)]));
+            let expected = Caller::Anonymous {
+                key: plain,
+                fingerprint: None,
+                rejected_token: true,
+            };
+            assert_eq!(caller.caller, expected);
         }
     }
 
     #[test]
     fn valid_token_names_the_user_and_not_the_address() {
-        let id = identifier();
+        let id = identifier(&[]);
         let token = tollgate_auth::mint_hs256(b"jwt-secret", "42", Duration::from_secs(60));
         let header = format!("Bearer {token}");
-        let caller = id.identify(ip("198.51.100.1"), Some(header.as_bytes()));
-        let Caller::User { id: user, key } = caller else {
+        let caller = id.identify(ip("198.51.100.1"), &headers(&[("authorization", &header)]));
+        let Caller::User { id: user, key } = caller.caller else {
             panic!("token was not accepted: {caller:?}");
         };
         assert_eq!(user.as_str(), "42");
-        assert_ne!(key, id.identify(ip("198.51.100.1"), None).key());
+        assert_ne!(
+            key,
+            id.identify(ip("198.51.100.1"), &HeaderMap::new())
+                .caller
+                .key()
+        );
+    }
+
+    #[test]
+    fn blank_fingerprints_are_no_fingerprint_and_long_ones_hash_to_fixed_size() {
+        let id = identifier(&[]);
+        let fingerprint = |value: &str| match id
+            .identify(ip("203.0.113.30"), &headers(&[("x-fingerprint", value)]))
+            .caller
+        {
+            Caller::Anonymous { fingerprint, .. } => fingerprint,
+            Caller::User { .. } => unreachable!("no token was sent"),
+        };
+        assert_eq!(fingerprint(""), None);
+        assert_eq!(fingerprint("   "), None);
+        assert!(fingerprint("fpA").is_some());
+        assert_ne!(fingerprint("fpA"), fingerprint("fpB"));
+        assert!(fingerprint(&"x".repeat(10_000)).is_some());
     }
 
     #[test]
     fn key_depends_on_the_secret() {
-        let other = Identifier::new(IdentityKey::new(b"other".to_vec()), None);
+        let other = Identifier::new(
+            IdentityKey::new(b"other".to_vec()),
+            None,
+            config(&[], ForwardedHeader::XForwardedFor),
+        );
+        let none = HeaderMap::new();
         assert_ne!(
-            identifier().identify(ip("192.0.2.1"), None).key(),
-            other.identify(ip("192.0.2.1"), None).key()
+            identifier(&[])
+                .identify(ip("192.0.2.1"), &none)
+                .caller
+                .key(),
+            other.identify(ip("192.0.2.1"), &none).caller.key()
         );
     }
 }

@@ -6,14 +6,17 @@
 //! - [`identity`]: who the caller is (verified user, or a hashed client address);
 //! - [`limiter`]: which limits apply and what the client is told;
 //! - [`store`]: where counts live and the all-or-nothing decision;
+//! - [`generation`] and [`reload`]: the configuration in force and how it is replaced;
 //! - [`proxy`]: the Pingora phases that tie these together;
 //! - [`admin`] and [`metrics`]: the private listener and what it exports.
 
 pub mod admin;
 pub mod config;
+pub mod generation;
 pub mod identity;
 pub mod limiter;
 pub mod metrics;
 pub mod proxy;
+pub mod reload;
 pub mod routing;
 pub mod store;

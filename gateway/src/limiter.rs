@@ -1,21 +1,35 @@
 //! Quota policy: which limits a request falls under, and what the gateway tells the client.
 //!
 //! A [`Limiter`] is built from one configuration generation. For each request it picks the
-//! limits whose method, path and audience match, asks the store for an all-or-nothing verdict,
-//! and renders it as a [`Decision`]: the rate-limit headers of every response on a limited
-//! route, and for a refusal the wait before a retry can succeed. A refusal is a value, not an
-//! error.
+//! limits whose method, path and audience match, turns them into store windows (a limit split by
+//! fingerprint becomes two: one per fingerprint and a ceiling for the whole address), asks the
+//! store for an all-or-nothing verdict, and renders it as a [`Decision`]: the rate-limit headers
+//! of every response on a limited route and, for a refusal, the wait before a retry can
+//! succeed. A refusal is a value, not an error. Shadow limits are decided apart, so they can
+//! never refuse a request or consume an enforced limit.
 
 use std::sync::Arc;
 
-use crate::config::{Audience, LimitConfig, PathMatch};
+use crate::config::{Audience, LimitConfig, LimitMode, PathMatch};
 use crate::identity::Caller;
 use crate::store::{MemoryStore, Verdict, Window};
 
+/// Suffix of the per-fingerprint member of a limit split by fingerprint.
+const FINGERPRINT_SUFFIX: &str = "-per-fingerprint";
+
 /// The limits of one configuration generation, ready to decide requests.
 pub struct Limiter {
-    limits: Vec<(LimitConfig, Window)>,
+    limits: Vec<CompiledLimit>,
     store: Arc<MemoryStore>,
+    fingerprints_on: bool,
+}
+
+struct CompiledLimit {
+    config: LimitConfig,
+    /// The window of the client (or address) as a whole.
+    whole: Window,
+    /// With fingerprints on, the window of one fingerprint of an address.
+    per_fingerprint: Option<Window>,
 }
 
 /// How one limit stands after a decision, in whole seconds as the headers carry it.
@@ -25,78 +39,140 @@ pub struct LimitStatus {
     pub quantity: u64,
     pub window_secs: u64,
     pub remaining: u64,
-    /// Seconds until `remaining` next goes up, rounded up, at least 1.
+    /// Seconds until `remaining` next goes up, rounded up, at least 1. For a limit that
+    /// refused, the wait until a retry can succeed.
     pub reset_secs: u64,
     /// Whether this limit refused the request.
     pub refused: bool,
 }
 
-/// The outcome for one request on a limited route.
-#[derive(Clone, Debug)]
+/// The outcome for one request.
+#[derive(Clone, Debug, Default)]
 pub struct Decision {
     pub admitted: bool,
-    /// One entry per matching limit, in configuration order.
+    /// One entry per enforced window that matched, in configuration order. Empty when no
+    /// enforced limit covers the request; no headers are sent then.
     pub limits: Vec<LimitStatus>,
+    /// Shadow limits that matched, with whether each would have refused.
+    pub shadow: Vec<(Arc<str>, bool)>,
+    /// The store was full and did not record this request (see [`MemoryStore`]).
+    pub untracked: bool,
 }
 
 impl Limiter {
-    pub fn new(limits: &[LimitConfig], store: Arc<MemoryStore>) -> Self {
+    /// `fingerprints_on` says whether a fingerprint header is configured.
+    pub fn new(limits: &[LimitConfig], store: Arc<MemoryStore>, fingerprints_on: bool) -> Self {
         let limits = limits
             .iter()
             .map(|limit| {
-                let window = Window {
-                    name: limit.name.as_str().into(),
-                    quantity: limit.quantity,
+                let window = |name: String, quantity| Window {
+                    name: name.into(),
+                    quantity,
                     window_ms: limit.window_secs * 1000,
+                    algorithm: limit.algorithm,
+                    variant: 0,
                 };
-                (limit.clone(), window)
+                let per_fingerprint =
+                    limit
+                        .fingerprint_quantity
+                        .filter(|_| fingerprints_on)
+                        .map(|quantity| {
+                            window(format!("{}{FINGERPRINT_SUFFIX}", limit.name), quantity)
+                        });
+                CompiledLimit {
+                    config: limit.clone(),
+                    whole: window(limit.name.clone(), limit.quantity),
+                    per_fingerprint,
+                }
             })
             .collect();
-        Self { limits, store }
+        Self {
+            limits,
+            store,
+            fingerprints_on,
+        }
     }
 
-    /// Decides a request, or returns `None` when no limit covers it (no headers are added then).
+    /// Decides a request of `cost` units. Returns `None` when no limit, enforced or shadow,
+    /// covers it.
     pub fn decide(
         &self,
         method: &str,
         path: &str,
+        cost: u64,
         caller: &Caller,
         now_ms: u64,
     ) -> Option<Decision> {
-        let is_user = matches!(caller, Caller::User { .. });
-        let matching: Vec<&(LimitConfig, Window)> = self
+        let mut enforced = Vec::new();
+        let mut shadow = Vec::new();
+        for limit in self
             .limits
             .iter()
-            .filter(|(limit, _)| applies(limit, method, path, is_user))
-            .collect();
-        if matching.is_empty() {
+            .filter(|limit| applies(&limit.config, method, path, caller))
+        {
+            let windows = match limit.config.mode {
+                LimitMode::Enforce => &mut enforced,
+                LimitMode::Shadow => &mut shadow,
+            };
+            let fingerprint = match caller {
+                Caller::Anonymous { fingerprint, .. } => *fingerprint,
+                Caller::User { .. } => None,
+            };
+            match (&limit.per_fingerprint, caller) {
+                (Some(per), Caller::Anonymous { .. }) if self.fingerprints_on => {
+                    let mut per = per.clone();
+                    per.variant = fingerprint.unwrap_or(0);
+                    windows.push((&limit.config, per));
+                }
+                _ => {}
+            }
+            windows.push((&limit.config, limit.whole.clone()));
+        }
+        if enforced.is_empty() && shadow.is_empty() {
             return None;
         }
 
-        let windows: Vec<Window> = matching.iter().map(|(_, window)| window.clone()).collect();
-        let Verdict { admitted, states } = self.store.decide(caller.key(), &windows, now_ms);
-        let limits = matching
-            .iter()
-            .zip(states)
-            .map(|((limit, window), state)| LimitStatus {
-                name: window.name.clone(),
-                quantity: limit.quantity,
-                window_secs: limit.window_secs,
-                remaining: state.remaining,
-                reset_secs: state.reset_ms.div_ceil(1000).max(1),
-                refused: !state.admits,
-            })
-            .collect();
-        Some(Decision { admitted, limits })
-    }
-
-    /// Drops idle counters; see [`MemoryStore::sweep`].
-    pub fn sweep(&self, now_ms: u64) -> usize {
-        self.store.sweep(now_ms)
+        let mut decision = Decision {
+            admitted: true,
+            ..Decision::default()
+        };
+        if !shadow.is_empty() {
+            let windows: Vec<Window> = shadow.iter().map(|(_, window)| window.clone()).collect();
+            let verdict = self.store.decide(caller.key(), &windows, cost, now_ms);
+            decision.shadow = windows
+                .into_iter()
+                .zip(verdict.states)
+                .map(|(window, state)| (window.name, !state.admits))
+                .collect();
+        }
+        if !enforced.is_empty() {
+            let windows: Vec<Window> = enforced.iter().map(|(_, window)| window.clone()).collect();
+            let Verdict {
+                admitted,
+                states,
+                untracked,
+            } = self.store.decide(caller.key(), &windows, cost, now_ms);
+            decision.admitted = admitted;
+            decision.untracked = untracked;
+            decision.limits = enforced
+                .iter()
+                .zip(states)
+                .map(|((limit, window), state)| LimitStatus {
+                    name: window.name.clone(),
+                    quantity: window.quantity,
+                    window_secs: limit.window_secs,
+                    remaining: state.remaining,
+                    reset_secs: state.reset_ms.div_ceil(1000).max(1),
+                    refused: !state.admits,
+                })
+                .collect();
+        }
+        Some(decision)
     }
 }
 
-fn applies(limit: &LimitConfig, method: &str, path: &str, is_user: bool) -> bool {
+fn applies(limit: &LimitConfig, method: &str, path: &str, caller: &Caller) -> bool {
+    let is_user = matches!(caller, Caller::User { .. });
     let audience = match limit.applies_to {
         Audience::Anonymous => !is_user,
         Audience::Authenticated => is_user,
@@ -117,50 +193,42 @@ fn applies(limit: &LimitConfig, method: &str, path: &str, is_user: bool) -> bool
 
 impl Decision {
     /// The limit that `X-RateLimit-*` describe: on a refusal, the refusing limit with the
-    /// longest wait; otherwise the one with the fewest requests left (the longer reset on a tie).
-    pub fn most_restrictive(&self) -> &LimitStatus {
-        let by_wait = |status: &&LimitStatus| (status.refused, status.reset_secs);
-        let by_room =
-            |status: &&LimitStatus| (std::cmp::Reverse(status.remaining), status.reset_secs);
-        let chosen = if self.admitted {
+    /// longest wait; otherwise the one with the fewest requests left (the longer reset on a
+    /// tie). `None` when no enforced limit matched.
+    pub fn most_restrictive(&self) -> Option<&LimitStatus> {
+        if self.admitted {
+            let by_room = |s: &&LimitStatus| (std::cmp::Reverse(s.remaining), s.reset_secs);
             self.limits.iter().max_by_key(by_room)
         } else {
-            self.limits
-                .iter()
-                .filter(|status| status.refused)
-                .max_by_key(by_wait)
-        };
-        chosen.unwrap_or(&self.limits[0])
+            let refusing = self.limits.iter().filter(|status| status.refused);
+            refusing.max_by_key(|status| status.reset_secs)
+        }
     }
 
     /// Seconds before a retry can succeed: every refusing limit must have room again.
     pub fn retry_after_secs(&self) -> u64 {
-        self.limits
-            .iter()
-            .filter(|status| status.refused)
-            .map(|status| status.reset_secs)
-            .max()
-            .unwrap_or(1)
+        let refusing = self.limits.iter().filter(|status| status.refused);
+        refusing.map(|status| status.reset_secs).max().unwrap_or(1)
     }
 
-    /// `(name, value)` pairs of the rate-limit headers, each name once.
+    /// `(name, value)` pairs of the rate-limit headers, each name once; empty when no enforced
+    /// limit matched.
     ///
     /// `RateLimit-Policy` and `RateLimit` follow draft-ietf-httpapi-ratelimit-headers: one list
     /// member per limit, `"name";q=<quantity>;w=<window>` and `"name";r=<remaining>;t=<reset>`.
     pub fn headers(&self) -> Vec<(&'static str, String)> {
-        let main = self.most_restrictive();
-        let policy = self
-            .limits
-            .iter()
-            .map(|s| format!("\"{}\";q={};w={}", s.name, s.quantity, s.window_secs))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let current = self
-            .limits
-            .iter()
-            .map(|s| format!("\"{}\";r={};t={}", s.name, s.remaining, s.reset_secs))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let Some(main) = self.most_restrictive() else {
+            return Vec::new();
+        };
+        let members = |render: &dyn Fn(&LimitStatus) -> String| {
+            self.limits
+                .iter()
+                .map(render)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let policy = members(&|s| format!("\"{}\";q={};w={}", s.name, s.quantity, s.window_secs));
+        let current = members(&|s| format!("\"{}\";r={};t={}", s.name, s.remaining, s.reset_secs));
         let mut headers = vec![
             ("x-ratelimit-limit", main.quantity.to_string()),
             ("x-ratelimit-remaining", main.remaining.to_string()),

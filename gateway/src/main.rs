@@ -1,28 +1,28 @@
 //! The `gateway` binary: load the configuration, build the proxy, serve.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
+use arc_swap::ArcSwap;
 use clap::{Parser, Subcommand};
 use gateway::admin::AdminApp;
-use gateway::config::GatewayConfig;
-use gateway::identity::{Identifier, IdentityKey};
-use gateway::limiter::Limiter;
+use gateway::config::{GatewayConfig, Overrides};
+use gateway::generation::{Generation, Secrets};
+use gateway::identity::IdentityKey;
 use gateway::metrics::Metrics;
 use gateway::proxy::Gateway;
-use gateway::routing::Router;
+use gateway::reload::Reloader;
 use gateway::store::MemoryStore;
 use pingora::apps::http_app::HttpServer;
 use pingora::server::configuration::ServerConf;
 use pingora::server::Server;
 use pingora::services::listening::Service;
-use tollgate_auth::BearerVerifier;
 
 /// How often idle counters are swept from memory.
-const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
+const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 
 #[derive(Parser)]
 #[command(name = "gateway", about = "Tollgate's rate-limiting reverse proxy")]
@@ -79,59 +79,50 @@ fn main() -> ExitCode {
     }
 }
 
-fn check_config(file: &PathBuf) -> anyhow::Result<()> {
+fn check_config(file: &Path) -> anyhow::Result<()> {
     let config = GatewayConfig::load(file, &env)?;
-    println!(
-        "{}: ok ({} routes, {} limits)",
-        file.display(),
-        config.routes.len(),
-        config.limits.len()
-    );
+    let (routes, limits) = (config.routes.len(), config.limits.len());
+    println!("{}: ok ({routes} routes, {limits} limits)", file.display());
     Ok(())
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
-    let mut config = GatewayConfig::load(&args.config, &env)?;
-    apply_overrides(&mut config, &args)?;
-
-    let identity_key = match std::env::var("IDENTITY_HASH_KEY") {
-        Ok(secret) if !secret.is_empty() => IdentityKey::new(secret.into_bytes()),
-        _ => {
-            tracing::warn!("IDENTITY_HASH_KEY is unset; client keys use a random per-process key");
-            IdentityKey::random()
-        }
-    };
-    let verifier = match std::env::var("JWT_SECRET") {
-        Ok(secret) if !secret.is_empty() => {
-            let mut verifier = BearerVerifier::hs256(secret.as_bytes());
-            if let Some(issuer) = &config.issuer {
-                verifier = verifier.with_issuer(issuer);
-            }
-            if let Some(audience) = &config.audience {
-                verifier = verifier.with_audience(audience);
-            }
-            Some(verifier)
-        }
-        _ => {
-            tracing::warn!("JWT_SECRET is unset; every caller is treated as anonymous");
-            None
-        }
-    };
-
+    let overrides = overrides(&args)?;
+    let config = GatewayConfig::load_with(&args.config, &env, &overrides)?;
+    let secrets = secrets();
     let metrics = Arc::new(Metrics::new());
+    let store = Arc::new(MemoryStore::new(config.max_tracked_clients));
+
+    let (listen, admin_listen, threads) = (
+        config.listen.clone(),
+        config.admin_listen.clone(),
+        config.threads,
+    );
+    let fingerprint = config
+        .identity
+        .fingerprint_header
+        .as_ref()
+        .map(|name| name.to_string());
+    let generation = Generation::build(1, config, &secrets, store.clone())?;
     metrics.config_generation.set(1);
-    let store = Arc::new(MemoryStore::default());
-    let gateway = Gateway {
-        router: Router::new(config.routes.clone()),
-        identifier: Identifier::new(identity_key, verifier),
-        limiter: Limiter::new(&config.limits, store.clone()),
-        metrics: metrics.clone(),
-        config: config.clone(),
-    };
+    let current = Arc::new(ArcSwap::from_pointee(generation));
+
+    let reloader = Arc::new(Reloader::new(
+        args.config.clone(),
+        overrides,
+        secrets,
+        store.clone(),
+        current.clone(),
+        metrics.clone(),
+    ));
+    reloader.clone().spawn_watcher();
+    reloader
+        .spawn_sighup_handler()
+        .context("installing the SIGHUP handler")?;
     spawn_sweeper(store, metrics.clone());
 
     let server_conf = ServerConf {
-        threads: config.threads,
+        threads,
         grace_period_seconds: Some(0),
         graceful_shutdown_timeout_seconds: Some(1),
         ..ServerConf::default()
@@ -139,31 +130,30 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut server = Server::new_with_opt_and_conf(None, server_conf);
     server.bootstrap();
 
+    let gateway = Gateway {
+        current,
+        metrics: metrics.clone(),
+    };
     let mut proxy = pingora::proxy::http_proxy_service(&server.configuration, gateway);
-    proxy.add_tcp(&config.listen);
+    proxy.add_tcp(&listen);
     let mut admin = Service::new("admin".into(), HttpServer::new_app(AdminApp { metrics }));
-    admin.add_tcp(&config.admin_listen);
+    admin.add_tcp(&admin_listen);
     admin.threads = Some(1);
     server.add_service(proxy);
     server.add_service(admin);
 
     tracing::info!(
-        listen = %config.listen,
-        admin = %config.admin_listen,
-        limits = config.limits.len(),
+        listen = %listen,
+        admin = %admin_listen,
         config = %args.config.display(),
+        fingerprint.header = fingerprint.as_deref().unwrap_or("off"),
         "gateway starting"
     );
     server.run_forever()
 }
 
-fn apply_overrides(config: &mut GatewayConfig, args: &RunArgs) -> anyhow::Result<()> {
-    if let Some(listen) = &args.listen {
-        config.listen = listen.clone();
-    }
-    if let Some(admin) = &args.admin_listen {
-        config.admin_listen = admin.clone();
-    }
+fn overrides(args: &RunArgs) -> anyhow::Result<Overrides> {
+    let mut upstreams = Vec::new();
     for upstream in &args.upstreams {
         let (name, address) = upstream
             .split_once('=')
@@ -171,18 +161,34 @@ fn apply_overrides(config: &mut GatewayConfig, args: &RunArgs) -> anyhow::Result
         let address = address
             .parse()
             .context("--upstream address must be an IP and port")?;
-        let mut found = false;
-        for route in config
-            .routes
-            .iter_mut()
-            .filter(|route| route.upstream_name == name)
-        {
-            route.upstream = address;
-            found = true;
-        }
-        anyhow::ensure!(found, "--upstream {name}: no route uses that upstream");
+        upstreams.push((name.to_owned(), address));
     }
-    Ok(())
+    Ok(Overrides {
+        listen: args.listen.clone(),
+        admin_listen: args.admin_listen.clone(),
+        upstreams,
+    })
+}
+
+/// Reads the secrets once; handlers and reloads never touch the environment for them.
+fn secrets() -> Secrets {
+    let identity_key = match std::env::var("IDENTITY_HASH_KEY") {
+        Ok(secret) if !secret.is_empty() => IdentityKey::new(secret.into_bytes()),
+        _ => {
+            tracing::warn!("IDENTITY_HASH_KEY is unset; client keys use a random per-process key");
+            IdentityKey::random()
+        }
+    };
+    let jwt_secret = std::env::var("JWT_SECRET")
+        .ok()
+        .filter(|secret| !secret.is_empty());
+    if jwt_secret.is_none() {
+        tracing::warn!("JWT_SECRET is unset; HS256 bearer tokens cannot be verified");
+    }
+    Secrets {
+        identity_key,
+        jwt_secret: jwt_secret.map(String::into_bytes),
+    }
 }
 
 fn spawn_sweeper(store: Arc<MemoryStore>, metrics: Arc<Metrics>) {

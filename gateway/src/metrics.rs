@@ -3,7 +3,7 @@
 //! Labels are bounded by configuration: route names, limit names, outcomes and status codes.
 //! Client keys, addresses and raw paths never become labels.
 
-use prometheus::{Encoder, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
 
 /// The gateway's metrics and the registry that renders them.
 pub struct Metrics {
@@ -16,6 +16,12 @@ pub struct Metrics {
     pub rejected_tokens: IntCounterVec,
     /// Clients with live counters in the memory store, as of the last sweep.
     pub tracked_clients: IntGauge,
+    /// Requests decided but not recorded because the memory store was full.
+    pub untracked_decisions: IntCounter,
+    /// Requests whose forwarding header was ignored because the peer is not a trusted proxy.
+    pub forwarding_ignored: IntCounter,
+    /// Configuration reloads, by result (`ok` or `failed`).
+    pub reloads: IntCounterVec,
     /// Generation of the configuration in force; 1 for the file loaded at start.
     pub config_generation: IntGauge,
 }
@@ -52,17 +58,41 @@ impl Metrics {
             "Clients with live counters in the memory store at the last sweep.",
         )
         .expect("metric definition is valid");
+        let untracked_decisions = IntCounter::new(
+            "gateway_untracked_decisions_total",
+            "Requests decided but not recorded because the memory store was full.",
+        )
+        .expect("metric definition is valid");
+        let forwarding_ignored = IntCounter::new(
+            "gateway_forwarding_ignored_total",
+            "Forwarding headers ignored because the peer is not a trusted proxy.",
+        )
+        .expect("metric definition is valid");
+        let reloads = IntCounterVec::new(
+            Opts::new(
+                "gateway_config_reloads_total",
+                "Configuration reloads, by result.",
+            ),
+            &["result"],
+        )
+        .expect("metric definition is valid");
         let config_generation = IntGauge::new(
             "gateway_config_generation",
             "Generation of the configuration in force.",
         )
         .expect("metric definition is valid");
 
+        for result in ["ok", "failed"] {
+            reloads.with_label_values(&[result]);
+        }
         for collector in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(decisions.clone()),
             Box::new(rejected_tokens.clone()),
             Box::new(tracked_clients.clone()),
+            Box::new(untracked_decisions.clone()),
+            Box::new(forwarding_ignored.clone()),
+            Box::new(reloads.clone()),
             Box::new(config_generation.clone()),
         ] {
             registry
@@ -75,6 +105,9 @@ impl Metrics {
             decisions,
             rejected_tokens,
             tracked_clients,
+            untracked_decisions,
+            forwarding_ignored,
+            reloads,
             config_generation,
         }
     }

@@ -2,30 +2,35 @@
 //! that owns it and only moves data between them.
 //!
 //! Life of a request:
-//! 1. `request_filter`: normalise the path; answer health probes; route; exempt the Stripe
-//!    webhook; identify the caller; decide the limits; answer 401, 413 or 429 directly when
-//!    the request must not reach an upstream.
-//! 2. `request_body_filter`: enforce the body ceiling on bodies without a `Content-Length`.
-//! 3. `upstream_peer` / `upstream_request_filter`: pick the routed upstream and send it the
-//!    normalised path; body and other headers pass through untouched.
-//! 4. `response_filter`: replace any rate-limit headers of the upstream with ours.
-//! 5. `logging`: count the request by route and status.
+//! 1. `new_ctx`: pin the configuration generation in force for the whole request.
+//! 2. `request_filter`: normalise the path; answer health probes; route; check the head size;
+//!    exempt the Stripe webhook; answer CORS preflights; identify the caller; decide the
+//!    limits; answer 401, 413, 431 or 429 directly when the request must not go upstream.
+//! 3. `request_body_filter`: enforce the body ceiling and the whole-body deadline.
+//! 4. `upstream_peer` / `upstream_request_filter`: pick the routed upstream and send it the
+//!    normalised path and the resolved client address; the body passes through untouched.
+//! 5. `response_filter`: replace any rate-limit and CORS headers of the upstream with ours.
+//! 6. `logging`: count the request by route and status.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::Bytes;
-use pingora::http::ResponseHeader;
+use http::HeaderMap;
+use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::{HttpPeer, ProxyHttp, Session};
-use pingora::{Error, ErrorType, Result};
+use pingora::proxy::FailToProxy;
+use pingora::{Error, ErrorSource, ErrorType, Result};
 
-use crate::config::{GatewayConfig, InvalidTokenPolicy};
-use crate::identity::{Caller, Identifier};
-use crate::limiter::{Decision, Limiter};
+use crate::config::{CorsConfig, InvalidTokenPolicy, RouteConfig};
+use crate::generation::Generation;
+use crate::identity::Caller;
+use crate::limiter::Decision;
 use crate::metrics::Metrics;
-use crate::routing::{self, Router};
+use crate::routing;
 
 /// Headers the gateway owns on limited routes; an upstream's copies are dropped so that each
 /// appears exactly once.
@@ -37,30 +42,42 @@ const RATE_LIMIT_HEADERS: [&str; 5] = [
     "ratelimit",
 ];
 
-/// The proxy: configuration, identity, limits and metrics shared by all requests.
+/// CORS response headers the gateway owns on routes with a CORS policy.
+const CORS_HEADERS: [&str; 2] = [
+    "access-control-allow-origin",
+    "access-control-expose-headers",
+];
+
+/// The proxy: the generation in force and the process-wide metrics.
 pub struct Gateway {
-    pub config: GatewayConfig,
-    pub router: Router,
-    pub identifier: Identifier,
-    pub limiter: Limiter,
+    pub current: Arc<ArcSwap<Generation>>,
     pub metrics: Arc<Metrics>,
 }
 
 /// What the phases of one request learn and pass on.
-#[derive(Default)]
 pub struct RequestContext {
-    route: &'static str,
-    route_name: Option<String>,
-    upstream: Option<SocketAddr>,
+    generation: Arc<Generation>,
+    started: Instant,
+    route: Option<RouteConfig>,
+    label: &'static str,
     normalised_path: String,
+    client_ip: Option<IpAddr>,
+    /// The request's `Origin`, when the route has a CORS policy that allows it.
+    cors_origin: Option<String>,
     decision: Option<Decision>,
-    body_limit: Option<u64>,
+    body_limit: u64,
     body_seen: u64,
 }
 
 impl RequestContext {
     fn route_label(&self) -> &str {
-        self.route_name.as_deref().unwrap_or(self.route)
+        self.route
+            .as_ref()
+            .map_or(self.label, |route| route.name.as_str())
+    }
+
+    fn cors(&self) -> Option<&CorsConfig> {
+        self.route.as_ref().and_then(|route| route.cors.as_ref())
     }
 }
 
@@ -69,65 +86,96 @@ impl ProxyHttp for Gateway {
     type CTX = RequestContext;
 
     fn new_ctx(&self) -> Self::CTX {
-        RequestContext::default()
+        RequestContext {
+            generation: self.current.load_full(),
+            started: Instant::now(),
+            route: None,
+            label: "unrouted",
+            normalised_path: String::new(),
+            client_ip: None,
+            cors_origin: None,
+            decision: None,
+            body_limit: u64::MAX,
+            body_seen: 0,
+        }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
-        session.set_read_timeout(Some(Duration::from_secs(
-            self.config.body_read_timeout_secs,
-        )));
+        let generation = ctx.generation.clone();
+        let config = &generation.config;
+        session.set_read_timeout(Some(Duration::from_secs(config.body_read_timeout_secs)));
         let method = session.req_header().method.as_str().to_owned();
         ctx.normalised_path = routing::normalise(session.req_header().uri.path());
-        let path = ctx.normalised_path.as_str();
+        let path = ctx.normalised_path.clone();
 
-        if self.config.health_paths.iter().any(|health| health == path) {
-            ctx.route = "health";
+        if config.health_paths.contains(&path) {
+            ctx.label = "health";
             respond(session, 200, "text/plain", &[], b"ok\n").await?;
             return Ok(true);
         }
-        let Some((route, upstream)) = self.router.route(path) else {
-            ctx.route = "unrouted";
-            respond_problem(session, 404, "Not Found", "no route serves this path", &[]).await?;
+        let Some(route) = generation.router.route(&path) else {
+            respond_problem(session, ctx, 404, "Not Found", "no route serves this path").await?;
             return Ok(true);
         };
-        ctx.route_name = Some(route.to_owned());
-        ctx.upstream = Some(upstream);
+        ctx.route = Some(route.clone());
+        ctx.body_limit = route.max_body_bytes;
+        ctx.cors_origin = allowed_origin(route.cors.as_ref(), &session.req_header().headers);
 
-        if method == "POST" && path == self.config.webhook_path {
-            return self.admit_webhook(session, ctx).await;
+        if head_size(session.req_header()) > config.max_header_bytes {
+            let detail = format!(
+                "request headers may be at most {} bytes",
+                config.max_header_bytes
+            );
+            respond_problem(
+                session,
+                ctx,
+                431,
+                "Request Header Fields Too Large",
+                &detail,
+            )
+            .await?;
+            return Ok(true);
         }
-        if method == "OPTIONS"
-            && session
-                .req_header()
-                .headers
-                .contains_key("access-control-request-method")
-        {
-            // A CORS preflight is the browser asking permission, not a use of the API.
+        if method == "POST" && path == config.webhook_path {
+            // The Stripe webhook skips identity and limits entirely; only the ceiling applies.
+            ctx.body_limit = config.webhook_max_body_bytes;
+            return refuse_oversized(session, ctx).await;
+        }
+        if refuse_oversized(session, ctx).await? {
+            return Ok(true);
+        }
+        let headers = &session.req_header().headers;
+        if method == "OPTIONS" && headers.contains_key("access-control-request-method") {
+            // A preflight is the browser asking permission, not a use of the API.
+            if let Some(cors) = route.cors.as_ref() {
+                let answer = preflight_answer(cors, ctx.cors_origin.as_deref());
+                respond(session, 204, "text/plain", &answer, b"").await?;
+                return Ok(true);
+            }
             return Ok(false);
         }
 
         let peer = peer_ip(session);
-        let authorization = session
-            .req_header()
-            .headers
-            .get(http::header::AUTHORIZATION);
-        let caller = self
+        let identified = generation
             .identifier
-            .identify(peer, authorization.map(|value| value.as_bytes()));
+            .identify(peer, &session.req_header().headers);
+        ctx.client_ip = Some(identified.client_ip);
+        if identified.forwarding_ignored {
+            self.metrics.forwarding_ignored.inc();
+            tracing::debug!("forwarding header from an untrusted peer ignored");
+        }
+        let caller = identified.caller;
         if let Caller::Anonymous {
             rejected_token: true,
             ..
         } = caller
         {
-            if self.config.invalid_token == InvalidTokenPolicy::Reject {
+            if config.auth.invalid_token == InvalidTokenPolicy::Reject {
                 self.metrics
                     .rejected_tokens
                     .with_label_values(&["reject"])
                     .inc();
-                let challenge = [("www-authenticate", "Bearer error=\"invalid_token\"".into())];
-                let detail = "the bearer token is invalid or expired";
-                respond_problem(session, 401, "Unauthorized", detail, &challenge).await?;
-                return Ok(true);
+                return self.refuse_token(session, ctx).await;
             }
             self.metrics
                 .rejected_tokens
@@ -135,27 +183,23 @@ impl ProxyHttp for Gateway {
                 .inc();
         }
 
-        let Some(decision) = self.limiter.decide(&method, path, &caller, now_ms()) else {
+        let decision = generation
+            .limiter
+            .decide(&method, &path, route.cost, &caller, now_ms());
+        let Some(decision) = decision else {
             return Ok(false);
         };
-        for status in &decision.limits {
-            let outcome = if decision.admitted {
-                "allowed"
-            } else {
-                "refused"
-            };
-            self.metrics
-                .decisions
-                .with_label_values(&[&*status.name, outcome])
-                .inc();
-        }
+        self.count_decision(&decision);
         if decision.admitted {
             ctx.decision = Some(decision);
             return Ok(false);
         }
 
-        tracing::debug!(route, limit.name = %decision.most_restrictive().name, "request refused");
-        self.refuse(session, &method, &caller, &decision).await?;
+        if let Some(limit) = decision.most_restrictive() {
+            tracing::debug!(route = %route.name, limit.name = %limit.name, "request refused");
+        }
+        self.refuse(session, ctx, &method, &caller, &decision)
+            .await?;
         Ok(true)
     }
 
@@ -166,15 +210,16 @@ impl ProxyHttp for Gateway {
         _end_of_stream: bool,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
-        let (Some(limit), Some(chunk)) = (ctx.body_limit, body.as_ref()) else {
+        let Some(chunk) = body.as_ref() else {
             return Ok(());
         };
         ctx.body_seen += chunk.len() as u64;
-        if ctx.body_seen > limit {
-            return Err(Error::explain(
-                ErrorType::HTTPStatus(413),
-                "request body over the ceiling",
-            ));
+        if ctx.body_seen > ctx.body_limit {
+            return Error::e_explain(ErrorType::HTTPStatus(413), "request body over the ceiling");
+        }
+        let deadline = Duration::from_secs(ctx.generation.config.body_timeout_secs);
+        if ctx.started.elapsed() > deadline {
+            return Error::e_explain(ErrorType::HTTPStatus(408), "request body too slow");
         }
         Ok(())
     }
@@ -184,8 +229,10 @@ impl ProxyHttp for Gateway {
         _session: &mut Session,
         ctx: &mut Self::CTX,
     ) -> Result<Box<HttpPeer>> {
-        let upstream = ctx
-            .upstream
+        let upstream: SocketAddr = ctx
+            .route
+            .as_ref()
+            .map(|route| route.upstream)
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "request has no route"))?;
         Ok(Box::new(HttpPeer::new(upstream, false, String::new())))
     }
@@ -193,9 +240,14 @@ impl ProxyHttp for Gateway {
     async fn upstream_request_filter(
         &self,
         _session: &mut Session,
-        request: &mut pingora::http::RequestHeader,
+        request: &mut RequestHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
+        if let Some(client) = ctx.client_ip {
+            // The app learns the address we resolved, never the client's own claim.
+            request.insert_header("x-forwarded-for", client.to_string())?;
+            request.remove_header("forwarded");
+        }
         if request.uri.path() == ctx.normalised_path {
             return Ok(());
         }
@@ -216,16 +268,71 @@ impl ProxyHttp for Gateway {
         response: &mut ResponseHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
-        let Some(decision) = &ctx.decision else {
-            return Ok(());
-        };
-        for name in RATE_LIMIT_HEADERS {
-            response.remove_header(name);
+        if let Some(decision) = &ctx.decision {
+            let headers = decision.headers();
+            if !headers.is_empty() {
+                for name in RATE_LIMIT_HEADERS {
+                    response.remove_header(name);
+                }
+                for (name, value) in headers {
+                    response.insert_header(name, value)?;
+                }
+            }
         }
-        for (name, value) in decision.headers() {
-            response.insert_header(name, value)?;
+        if ctx.cors().is_some() {
+            for name in CORS_HEADERS {
+                response.remove_header(name);
+            }
+            for (name, value) in cors_headers(ctx.cors(), ctx.cors_origin.as_deref()) {
+                response.append_header(name, value)?;
+            }
         }
         Ok(())
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        error: &Error,
+        ctx: &mut Self::CTX,
+    ) -> FailToProxy {
+        let status = match (error.etype(), error.esource()) {
+            (ErrorType::HTTPStatus(code), _) => *code,
+            (ErrorType::ReadTimedout, ErrorSource::Downstream) => 408,
+            (
+                ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed,
+                ErrorSource::Downstream,
+            ) => 0,
+            (_, ErrorSource::Downstream) => 400,
+            (_, ErrorSource::Upstream) => 502,
+            _ => 500,
+        };
+        if status > 0 && session.response_written().is_none() {
+            let title = http::StatusCode::from_u16(status)
+                .ok()
+                .and_then(|code| code.canonical_reason())
+                .unwrap_or("Error");
+            let detail = match status {
+                408 => "the request body was not received in time",
+                413 => "the request body is larger than this route accepts",
+                502 => "the upstream could not be reached",
+                _ => "the request could not be proxied",
+            };
+            if let Err(error) = respond_problem(session, ctx, status, title, detail).await {
+                tracing::debug!(%error, "could not send the error response");
+            }
+        }
+        FailToProxy {
+            error_code: status,
+            can_reuse_downstream: false,
+        }
+    }
+
+    fn suppress_error_log(&self, _session: &Session, _ctx: &Self::CTX, error: &Error) -> bool {
+        // A client that stalls, hangs up or sends too much is answered and counted, not an
+        // operator's problem.
+        error.esource() == &ErrorSource::Downstream
+            || matches!(error.etype(), ErrorType::HTTPStatus(_))
     }
 
     async fn logging(&self, session: &mut Session, _error: Option<&Error>, ctx: &mut Self::CTX) {
@@ -240,61 +347,161 @@ impl ProxyHttp for Gateway {
 }
 
 impl Gateway {
-    /// The Stripe webhook skips identity and limits entirely; only the body ceiling applies.
-    async fn admit_webhook(&self, session: &mut Session, ctx: &mut RequestContext) -> Result<bool> {
-        let ceiling = self.config.webhook_max_body_bytes;
-        let declared = session
-            .req_header()
-            .headers
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.parse::<u64>().ok());
-        if declared.is_some_and(|length| length > ceiling) {
-            let detail = format!("the webhook body may be at most {ceiling} bytes");
-            respond_problem(session, 413, "Content Too Large", &detail, &[]).await?;
-            session.set_keepalive(None);
-            return Ok(true);
+    fn count_decision(&self, decision: &Decision) {
+        let outcome = if decision.admitted {
+            "allowed"
+        } else {
+            "refused"
+        };
+        for status in &decision.limits {
+            self.metrics
+                .decisions
+                .with_label_values(&[&*status.name, outcome])
+                .inc();
         }
-        ctx.body_limit = Some(ceiling);
-        Ok(false)
+        for (name, refused) in &decision.shadow {
+            let outcome = if *refused {
+                "shadow_refused"
+            } else {
+                "shadow_allowed"
+            };
+            self.metrics
+                .decisions
+                .with_label_values(&[&**name, outcome])
+                .inc();
+        }
+        if decision.untracked {
+            self.metrics.untracked_decisions.inc();
+        }
+    }
+
+    /// Answers 401 with a bearer challenge; used when invalid tokens are configured to reject.
+    async fn refuse_token(&self, session: &mut Session, ctx: &RequestContext) -> Result<bool> {
+        let mut headers = vec![(
+            "www-authenticate",
+            "Bearer error=\"invalid_token\"".to_owned(),
+        )];
+        headers.extend(cors_headers(ctx.cors(), ctx.cors_origin.as_deref()));
+        let body = problem(
+            401,
+            "Unauthorized",
+            "the bearer token is invalid or expired",
+        );
+        respond(session, 401, "application/problem+json", &headers, &body).await?;
+        Ok(true)
     }
 
     /// Answers 429 with the rate-limit headers and a problem body; the upstream is not called.
     async fn refuse(
         &self,
         session: &mut Session,
+        ctx: &RequestContext,
         method: &str,
         caller: &Caller,
         decision: &Decision,
     ) -> Result<()> {
-        let limit = decision.most_restrictive();
+        let config = &ctx.generation.config;
         let wait = decision.retry_after_secs();
+        let name = decision.most_restrictive().map_or("", |limit| &*limit.name);
         let mut body = serde_json::json!({
             "type": "about:blank",
             "title": "Too Many Requests",
             "status": 429,
-            "detail": format!("limit {} is used up; retry in {wait} seconds", limit.name),
-            "limit": &*limit.name,
+            "detail": format!("limit {name} is used up; retry in {wait} seconds"),
+            "limit": name,
             "retry_after": wait,
         });
         if matches!(caller, Caller::Anonymous { .. }) {
-            body["sign_in"] = self.config.sign_in_url.as_str().into();
-            body["buy_tokens"] = self.config.buy_tokens_url.as_str().into();
+            body["sign_in"] = config.sign_in_url.as_str().into();
+            body["buy_tokens"] = config.buy_tokens_url.as_str().into();
         }
         let body = if method == "HEAD" {
             Vec::new()
         } else {
             body.to_string().into_bytes()
         };
-        respond(
-            session,
-            429,
-            "application/problem+json",
-            &decision.headers(),
-            &body,
-        )
-        .await
+        let mut headers = decision.headers();
+        headers.extend(cors_headers(ctx.cors(), ctx.cors_origin.as_deref()));
+        respond(session, 429, "application/problem+json", &headers, &body).await
     }
+}
+
+/// Answers 413 before reading a body whose declared length is over the route's ceiling.
+async fn refuse_oversized(session: &mut Session, ctx: &RequestContext) -> Result<bool> {
+    let declared = session
+        .req_header()
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.trim().parse::<u64>().ok());
+    if declared.is_none_or(|length| length <= ctx.body_limit) {
+        return Ok(false);
+    }
+    let detail = format!("the request body may be at most {} bytes", ctx.body_limit);
+    respond_problem(session, ctx, 413, "Content Too Large", &detail).await?;
+    session.set_keepalive(None);
+    Ok(true)
+}
+
+/// The `Origin` of the request when the route's CORS policy allows it.
+fn allowed_origin(cors: Option<&CorsConfig>, headers: &HeaderMap) -> Option<String> {
+    let origin = headers.get(http::header::ORIGIN)?.to_str().ok()?;
+    let allowed = cors?
+        .allow_origins
+        .iter()
+        .any(|allowed| allowed == "*" || allowed == origin);
+    allowed.then(|| origin.to_owned())
+}
+
+/// CORS headers for an actual response: none unless the origin is allowed.
+fn cors_headers(cors: Option<&CorsConfig>, origin: Option<&str>) -> Vec<(&'static str, String)> {
+    let (Some(cors), Some(origin)) = (cors, origin) else {
+        return Vec::new();
+    };
+    let mut headers = vec![
+        ("access-control-allow-origin", origin.to_owned()),
+        ("vary", "Origin".to_owned()),
+    ];
+    if !cors.expose_headers.is_empty() {
+        headers.push((
+            "access-control-expose-headers",
+            cors.expose_headers.join(", "),
+        ));
+    }
+    headers
+}
+
+fn preflight_answer(cors: &CorsConfig, origin: Option<&str>) -> Vec<(&'static str, String)> {
+    let Some(origin) = origin else {
+        return vec![("vary", "Origin".to_owned())];
+    };
+    let mut headers = vec![
+        ("access-control-allow-origin", origin.to_owned()),
+        (
+            "access-control-allow-methods",
+            cors.allow_methods.join(", "),
+        ),
+        ("access-control-max-age", cors.max_age_secs.to_string()),
+        ("vary", "Origin".to_owned()),
+    ];
+    if !cors.allow_headers.is_empty() {
+        headers.push((
+            "access-control-allow-headers",
+            cors.allow_headers.join(", "),
+        ));
+    }
+    headers
+}
+
+/// Size of the request line and headers as they arrived, give or take separators.
+fn head_size(request: &RequestHeader) -> usize {
+    let line = request.method.as_str().len() + request.uri.to_string().len() + 12;
+    let fields: usize = request
+        .headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    line + fields
 }
 
 fn peer_ip(session: &Session) -> IpAddr {
@@ -310,27 +517,26 @@ fn now_ms() -> u64 {
         .map_or(0, |elapsed| elapsed.as_millis() as u64)
 }
 
-async fn respond_problem(
-    session: &mut Session,
-    status: u16,
-    title: &str,
-    detail: &str,
-    headers: &[(&'static str, String)],
-) -> Result<()> {
+fn problem(status: u16, title: &str, detail: &str) -> Vec<u8> {
     let body = serde_json::json!({
         "type": "about:blank",
         "title": title,
         "status": status,
         "detail": detail,
     });
-    respond(
-        session,
-        status,
-        "application/problem+json",
-        headers,
-        body.to_string().as_bytes(),
-    )
-    .await
+    body.to_string().into_bytes()
+}
+
+async fn respond_problem(
+    session: &mut Session,
+    ctx: &RequestContext,
+    status: u16,
+    title: &str,
+    detail: &str,
+) -> Result<()> {
+    let headers = cors_headers(ctx.cors(), ctx.cors_origin.as_deref());
+    let body = problem(status, title, detail);
+    respond(session, status, "application/problem+json", &headers, &body).await
 }
 
 async fn respond(
@@ -341,10 +547,12 @@ async fn respond(
     body: &[u8],
 ) -> Result<()> {
     let mut response = ResponseHeader::build(status, Some(headers.len() + 2))?;
-    response.insert_header("content-type", content_type)?;
+    if !body.is_empty() {
+        response.insert_header("content-type", content_type)?;
+    }
     response.insert_header("content-length", body.len().to_string())?;
     for (name, value) in headers {
-        response.insert_header(*name, value.as_str())?;
+        response.append_header(*name, value.as_str())?;
     }
     session
         .write_response_header(Box::new(response), body.is_empty())

@@ -5,8 +5,6 @@
 //! `/api/v1/%67enerate` therefore cannot reach a route or skip a limit that the plain spelling
 //! would not.
 
-use std::net::SocketAddr;
-
 use crate::config::RouteConfig;
 
 /// Normalises a request path per RFC 3986: percent-encoded unreserved characters are decoded
@@ -83,16 +81,17 @@ impl Router {
     }
 
     /// The route for a normalised path, if any prefix matches.
-    pub fn route(&self, path: &str) -> Option<(&str, SocketAddr)> {
+    pub fn route(&self, path: &str) -> Option<&RouteConfig> {
         self.routes
             .iter()
             .find(|route| path.starts_with(&route.path_prefix))
-            .map(|route| (route.name.as_str(), route.upstream))
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::net::SocketAddr;
+
     use super::*;
 
     #[test]
@@ -133,13 +132,19 @@ mod tests {
             path_prefix: prefix.into(),
             upstream_name: name.into(),
             upstream: SocketAddr::from(([127, 0, 0, 1], port)),
+            cost: 1,
+            max_body_bytes: 1024,
+            cors: None,
         };
         let router = Router::new(vec![
             route("app", "/", 1),
             route("stripe", "/api/v1/stripe/", 2),
         ]);
-        assert_eq!(router.route("/api/v1/stripe/webhook").unwrap().0, "stripe");
-        assert_eq!(router.route("/api/v1/stripe").unwrap().0, "app");
-        assert_eq!(router.route("/api/v1/generate").unwrap().0, "app");
+        assert_eq!(
+            router.route("/api/v1/stripe/webhook").unwrap().name,
+            "stripe"
+        );
+        assert_eq!(router.route("/api/v1/stripe").unwrap().name, "app");
+        assert_eq!(router.route("/api/v1/generate").unwrap().name, "app");
     }
 }
