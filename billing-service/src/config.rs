@@ -350,6 +350,9 @@ pub struct Environment {
     pub database_url: Secret,
     /// `JWT_SECRET` for HS256 bearer tokens; without it every bearer request gets 401.
     pub jwt_secret: Option<Secret>,
+    /// `BILLING_SERVICE_TOKEN`: the bearer token the application presents to
+    /// `POST /internal/v1/tokens/debit`; without it that endpoint answers 503.
+    pub billing_service_token: Option<Secret>,
 }
 
 impl Environment {
@@ -372,6 +375,7 @@ impl Environment {
                 read("DATABASE_URL").unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned()),
             ),
             jwt_secret: read("JWT_SECRET").map(Secret::new),
+            billing_service_token: read("BILLING_SERVICE_TOKEN").map(Secret::new),
         })
     }
 }

@@ -1,36 +1,49 @@
-//! The database: connecting, migrating, and the purchase and Stripe-event records.
+//! The database: connecting, migrating, and the purchase, refund and Stripe-event records.
 //!
 //! Every query is one function taking a generic executor, so it runs on the pool or inside
-//! a transaction. The SQL is portable; what is specific to SQLite (file creation, WAL, busy
-//! timeout) stays in [`connect`]. Token balances live in `ledger`, not here.
+//! a transaction. Queries go through sqlx's `Any` driver and are written in SQL that SQLite
+//! and Postgres both accept; everything that differs between the two engines (file
+//! creation, WAL, busy timeout, how a unique violation names its index) stays in the
+//! [`Engine`] seam below. Token balances live in `ledger`, not here.
+//!
+//! Concurrency rule: every write transaction starts with a write. On SQLite that takes the
+//! database's write lock before anything is read, so transactions never act on a stale
+//! read; on Postgres the first write locks the row that concurrent handlers of the same
+//! payment or user would also write, with the same effect.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use serde::Serialize;
+use sqlx::any::AnyPoolOptions;
+use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::Executor;
 use tollgate_auth::UserId;
 
 use crate::catalog::{Cents, PackageId, Tokens};
 use crate::config::Secret;
-use crate::stripe::{EventId, SessionId};
+use crate::stripe::{EventId, PaymentIntentId, SessionId};
 
-/// The database engine every query is written for.
-pub type Backend = sqlx::Sqlite;
+/// The database every query is written for: sqlx's driver over SQLite or Postgres.
+pub type Backend = sqlx::Any;
 
 /// A pool of connections to [`Backend`].
 pub type Pool = sqlx::Pool<Backend>;
 
-/// How long a writer waits for another writer's lock before giving up with an error.
-const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a SQLite writer waits for another writer's lock before failing, in ms.
+const SQLITE_BUSY_TIMEOUT_MS: u32 = 5_000;
+
+/// How long a request waits for a free (or new) pooled connection before failing.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connections per pool. SQLite serialises writers anyway; Postgres handles many more.
+const MAX_CONNECTIONS: u32 = 8;
 
 /// Why the database could not be opened or a query failed.
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
-    #[error("DATABASE_URL names a Postgres database, which this build does not support yet")]
-    PostgresUnsupported,
     #[error("DATABASE_URL is not a sqlite: or postgres: URL")]
     UnsupportedUrl,
     #[error("DATABASE_URL is not a valid SQLite URL")]
@@ -54,39 +67,95 @@ pub enum DbError {
     },
 }
 
-fn query_failed(operation: &'static str) -> impl FnOnce(sqlx::Error) -> DbError {
+pub(crate) fn query_failed(operation: &'static str) -> impl FnOnce(sqlx::Error) -> DbError {
     move |source| DbError::Query { operation, source }
+}
+
+// ===== The engine seam =====
+
+/// Which engine a `DATABASE_URL` names. The only place that knows the two apart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Engine {
+    /// A local file (`sqlite:`), the default: WAL mode, one writer at a time.
+    Sqlite,
+    /// A server (`postgres:` or `postgresql:`), which several instances may share.
+    Postgres,
+}
+
+impl Engine {
+    pub fn of_url(url: &str) -> Result<Self, DbError> {
+        if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            Ok(Self::Postgres)
+        } else if url.starts_with("sqlite:") {
+            Ok(Self::Sqlite)
+        } else {
+            Err(DbError::UnsupportedUrl)
+        }
+    }
+
+    /// Statements run on every new connection. SQLite's WAL lets readers proceed beside
+    /// the writer, and the busy timeout makes a second writer wait for the lock instead
+    /// of failing at once.
+    fn session_setup(self) -> Option<String> {
+        match self {
+            Self::Sqlite => Some(format!(
+                "PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS};
+                 PRAGMA journal_mode = WAL;
+                 PRAGMA synchronous = NORMAL;
+                 PRAGMA foreign_keys = ON;"
+            )),
+            Self::Postgres => None,
+        }
+    }
+}
+
+/// The unique index that a failed write violated, if that is why it failed. Postgres names
+/// the index; SQLite names only `table.column`, which is mapped back to the index here.
+pub(crate) fn violated_unique_index(error: &sqlx::Error) -> Option<&'static str> {
+    /// SQLite's `table.column` for each unique index that callers turn into a domain error.
+    const SQLITE_COLUMNS: &[(&str, &str)] = &[(
+        "ledger_transactions.idempotency_key",
+        "ledger_transactions_one_debit_per_key",
+    )];
+
+    let database = error.as_database_error()?;
+    if database.kind() != sqlx::error::ErrorKind::UniqueViolation {
+        return None;
+    }
+    let message = database.message();
+    SQLITE_COLUMNS
+        .iter()
+        .find(|(columns, index)| {
+            database.constraint() == Some(*index) || message.ends_with(columns)
+        })
+        .map(|(_, index)| *index)
 }
 
 /// Opens the database named by `url` and applies pending migrations.
 ///
-/// SQLite files are opened in WAL mode, so readers never block the writer, with a busy
-/// timeout so that concurrent writers wait instead of failing; the parent directory of the
-/// file is created when missing.
+/// A SQLite file's parent directory is created when missing. The same migrations run on
+/// both engines.
 pub async fn connect(url: &Secret) -> Result<Pool, DbError> {
     let url = url.expose();
-
-    // Limitation: only SQLite is wired up. The migrations and queries are portable SQL, but
-    // a Postgres URL is refused at startup rather than half-supported, so several billing
-    // instances cannot yet share one database.
-    if url.starts_with("postgres:") || url.starts_with("postgresql:") {
-        return Err(DbError::PostgresUnsupported);
-    }
-    if !url.starts_with("sqlite:") {
-        return Err(DbError::UnsupportedUrl);
+    let engine = Engine::of_url(url)?;
+    if engine == Engine::Sqlite {
+        let options = SqliteConnectOptions::from_str(url).map_err(DbError::InvalidUrl)?;
+        create_parent_dir(options.get_filename())?;
     }
 
-    let options = SqliteConnectOptions::from_str(url)
-        .map_err(DbError::InvalidUrl)?
-        .journal_mode(SqliteJournalMode::Wal)
-        .synchronous(SqliteSynchronous::Normal)
-        .busy_timeout(BUSY_TIMEOUT)
-        .foreign_keys(true);
-    create_parent_dir(options.get_filename())?;
-
-    let pool = SqlitePoolOptions::new()
-        .max_connections(8)
-        .connect_with(options)
+    sqlx::any::install_default_drivers();
+    let pool = AnyPoolOptions::new()
+        .max_connections(MAX_CONNECTIONS)
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+        .after_connect(move |connection, _| {
+            Box::pin(async move {
+                if let Some(setup) = engine.session_setup() {
+                    connection.execute(setup.as_str()).await?;
+                }
+                Ok(())
+            })
+        })
+        .connect(url)
         .await
         .map_err(DbError::Connect)?;
     sqlx::migrate!("./migrations")
@@ -94,6 +163,22 @@ pub async fn connect(url: &Secret) -> Result<Pool, DbError> {
         .await
         .map_err(DbError::Migrate)?;
     Ok(pool)
+}
+
+/// Starts a transaction; `operation` names it for the error.
+pub(crate) async fn begin(
+    pool: &Pool,
+    operation: &'static str,
+) -> Result<sqlx::Transaction<'static, Backend>, DbError> {
+    pool.begin().await.map_err(query_failed(operation))
+}
+
+/// Commits a transaction; `operation` names it for the error.
+pub(crate) async fn commit(
+    transaction: sqlx::Transaction<'static, Backend>,
+    operation: &'static str,
+) -> Result<(), DbError> {
+    transaction.commit().await.map_err(query_failed(operation))
 }
 
 fn create_parent_dir(file: &Path) -> Result<(), DbError> {
@@ -130,8 +215,9 @@ impl fmt::Display for PurchaseId {
     }
 }
 
-/// Where a purchase stands. Stored as the lowercase name.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Where a purchase stands. Stored, and shown to its owner, as the lowercase name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum PurchaseStatus {
     /// Recorded; Stripe has not yet confirmed a session.
     Pending,
@@ -157,6 +243,20 @@ impl PurchaseStatus {
             Self::Mismatch => "mismatch",
             Self::Closed => "closed",
         }
+    }
+
+    /// The status stored as `text`; `None` for a value this version does not know.
+    pub fn parse(text: &str) -> Option<Self> {
+        [
+            Self::Pending,
+            Self::Open,
+            Self::Failed,
+            Self::Fulfilled,
+            Self::Mismatch,
+            Self::Closed,
+        ]
+        .into_iter()
+        .find(|status| status.as_str() == text)
     }
 }
 
@@ -295,6 +395,293 @@ where
     .fetch_optional(executor)
     .await
     .map_err(query_failed("look up a purchase by session"))
+}
+
+/// A paid session that billing did not open (for example one created in Stripe's
+/// dashboard), recorded when it is granted so that later refunds can find it.
+#[derive(Debug)]
+pub struct ExternalPurchase<'a> {
+    pub user: &'a UserId,
+    pub package_id: &'a PackageId,
+    pub tokens: Tokens,
+    pub amount: Cents,
+    pub currency: &'a str,
+    pub session_id: &'a SessionId,
+    pub payment_intent: Option<&'a PaymentIntentId>,
+}
+
+/// Marks the purchase behind `session` fulfilled and remembers the PaymentIntent that paid
+/// it. Returns `false` if billing has no purchase for the session.
+pub async fn mark_fulfilled<'e, E>(
+    executor: E,
+    session: &SessionId,
+    payment_intent: Option<&PaymentIntentId>,
+) -> Result<bool, DbError>
+where
+    E: Executor<'e, Database = Backend>,
+{
+    let result = sqlx::query(
+        r"UPDATE purchases
+          SET status = $2, payment_intent_id = $3, updated_at = $4
+          WHERE session_id = $1",
+    )
+    .bind(session)
+    .bind(PurchaseStatus::Fulfilled.as_str())
+    .bind(payment_intent)
+    .bind(crate::unix_now())
+    .execute(executor)
+    .await
+    .map_err(query_failed("mark a purchase fulfilled"))?;
+    Ok(result.rows_affected() > 0)
+}
+
+/// Records a granted session that billing did not open, as a fulfilled purchase.
+pub async fn insert_external_purchase<'e, E>(
+    executor: E,
+    purchase: &ExternalPurchase<'_>,
+) -> Result<(), DbError>
+where
+    E: Executor<'e, Database = Backend>,
+{
+    sqlx::query(
+        r"INSERT INTO purchases
+              (id, user_id, package_id, tokens, amount_cents, currency, status,
+               session_id, payment_intent_id, created_at, updated_at)
+          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10)",
+    )
+    .bind(PurchaseId::generate())
+    .bind(purchase.user.as_str())
+    .bind(purchase.package_id)
+    .bind(purchase.tokens)
+    .bind(purchase.amount)
+    .bind(purchase.currency)
+    .bind(PurchaseStatus::Fulfilled.as_str())
+    .bind(purchase.session_id)
+    .bind(purchase.payment_intent)
+    .bind(crate::unix_now())
+    .execute(executor)
+    .await
+    .map_err(query_failed("record a purchase opened outside billing"))?;
+    Ok(())
+}
+
+/// A granted purchase, as a refund needs it.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct PaidPurchase {
+    pub session_id: SessionId,
+    pub user_id: String,
+    pub tokens: Tokens,
+    pub currency: String,
+}
+
+/// The fulfilled purchase that `payment_intent` paid, if any.
+pub async fn find_paid_purchase<'e, E>(
+    executor: E,
+    payment_intent: &PaymentIntentId,
+) -> Result<Option<PaidPurchase>, DbError>
+where
+    E: Executor<'e, Database = Backend>,
+{
+    sqlx::query_as(
+        r"SELECT session_id, user_id, tokens, currency
+          FROM purchases
+          WHERE payment_intent_id = $1 AND status = 'fulfilled'",
+    )
+    .bind(payment_intent)
+    .fetch_optional(executor)
+    .await
+    .map_err(query_failed("look up a purchase by payment intent"))
+}
+
+/// One purchase as its owner sees it.
+#[derive(Clone, Debug, Serialize)]
+pub struct PurchaseView {
+    pub session_id: String,
+    pub package_id: String,
+    pub tokens: Tokens,
+    pub amount_cents: Cents,
+    pub currency: String,
+    pub status: PurchaseStatus,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Unix seconds of the last status change.
+    pub updated_at: i64,
+}
+
+#[derive(sqlx::FromRow)]
+struct PurchaseViewRow {
+    session_id: String,
+    package_id: String,
+    tokens: Tokens,
+    amount_cents: Cents,
+    currency: String,
+    status: String,
+    created_at: i64,
+    updated_at: i64,
+}
+
+/// The purchase behind `session` if `user` made it. Someone else's session and an unknown
+/// one look the same: `None`.
+pub async fn find_owned_purchase<'e, E>(
+    executor: E,
+    session: &SessionId,
+    user: &UserId,
+) -> Result<Option<PurchaseView>, DbError>
+where
+    E: Executor<'e, Database = Backend>,
+{
+    let row: Option<PurchaseViewRow> = sqlx::query_as(
+        r"SELECT session_id, package_id, tokens, amount_cents, currency, status,
+                 created_at, updated_at
+          FROM purchases
+          WHERE session_id = $1 AND user_id = $2",
+    )
+    .bind(session)
+    .bind(user.as_str())
+    .fetch_optional(executor)
+    .await
+    .map_err(query_failed("look up a purchase for its owner"))?;
+
+    Ok(row.and_then(|row| {
+        Some(PurchaseView {
+            status: PurchaseStatus::parse(&row.status)?,
+            session_id: row.session_id,
+            package_id: row.package_id,
+            tokens: row.tokens,
+            amount_cents: row.amount_cents,
+            currency: row.currency,
+            created_at: row.created_at,
+            updated_at: row.updated_at,
+        })
+    }))
+}
+
+// ===== Refunds =====
+
+/// What Stripe last reported about the refunds of one charge.
+#[derive(Debug)]
+pub struct ChargeRefund<'a> {
+    pub payment_intent: &'a PaymentIntentId,
+    pub charge_id: &'a str,
+    /// The charge's amount, in the smallest currency unit.
+    pub amount: Cents,
+    /// Cumulative refunded amount, in the smallest currency unit.
+    pub amount_refunded: Cents,
+    pub currency: &'a str,
+}
+
+/// The refund record of one payment, for computing what is owed back.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct RefundState {
+    pub amount_cents: Cents,
+    pub amount_refunded_cents: Cents,
+    pub currency: String,
+}
+
+/// Stores a charge's refund figures. The refunded amount only grows: an older event
+/// arriving late cannot lower it. Writing the row waits for any other transaction that is
+/// settling the same payment.
+pub async fn upsert_charge_refund<'e, E>(
+    executor: E,
+    refund: &ChargeRefund<'_>,
+) -> Result<(), DbError>
+where
+    E: Executor<'e, Database = Backend>,
+{
+    sqlx::query(
+        r"INSERT INTO charge_refunds
+              (payment_intent_id, charge_id, amount_cents, amount_refunded_cents, currency,
+               updated_at)
+          VALUES ($1, $2, $3, $4, $5, $6)
+          ON CONFLICT (payment_intent_id) DO UPDATE
+          SET charge_id = excluded.charge_id,
+              amount_cents = excluded.amount_cents,
+              currency = excluded.currency,
+              amount_refunded_cents = CASE
+                  WHEN excluded.amount_refunded_cents > charge_refunds.amount_refunded_cents
+                  THEN excluded.amount_refunded_cents
+                  ELSE charge_refunds.amount_refunded_cents
+              END,
+              updated_at = excluded.updated_at",
+    )
+    .bind(refund.payment_intent)
+    .bind(refund.charge_id)
+    .bind(refund.amount)
+    .bind(refund.amount_refunded)
+    .bind(refund.currency)
+    .bind(crate::unix_now())
+    .execute(executor)
+    .await
+    .map_err(query_failed("record a charge refund"))?;
+    Ok(())
+}
+
+/// Claims the refund record of `payment_intent` for the rest of the transaction, creating
+/// an empty one (amount 0, nothing refunded) if no refund has been reported yet. A grant
+/// calls this so that it and a concurrent first refund of the same payment run one after
+/// the other: whichever commits second sees the other's work and settles the clawback.
+pub async fn claim_refund_record<'e, E>(
+    executor: E,
+    payment_intent: &PaymentIntentId,
+) -> Result<(), DbError>
+where
+    E: Executor<'e, Database = Backend>,
+{
+    sqlx::query(
+        r"INSERT INTO charge_refunds
+              (payment_intent_id, charge_id, amount_cents, amount_refunded_cents, currency,
+               updated_at)
+          VALUES ($1, '', 0, 0, '', $2)
+          ON CONFLICT (payment_intent_id) DO UPDATE
+          SET updated_at = charge_refunds.updated_at",
+    )
+    .bind(payment_intent)
+    .bind(crate::unix_now())
+    .execute(executor)
+    .await
+    .map_err(query_failed("claim a refund record"))?;
+    Ok(())
+}
+
+pub async fn find_refund_state<'e, E>(
+    executor: E,
+    payment_intent: &PaymentIntentId,
+) -> Result<Option<RefundState>, DbError>
+where
+    E: Executor<'e, Database = Backend>,
+{
+    sqlx::query_as(
+        r"SELECT amount_cents, amount_refunded_cents, currency
+          FROM charge_refunds
+          WHERE payment_intent_id = $1",
+    )
+    .bind(payment_intent)
+    .fetch_optional(executor)
+    .await
+    .map_err(query_failed("read a refund record"))
+}
+
+// ===== Accounts =====
+
+/// Writes `user`'s account row, creating it if needed, and so holds it until the
+/// transaction ends: concurrent debits of one user queue here instead of both spending
+/// the same balance.
+pub async fn lock_account<'e, E>(executor: E, user: &UserId) -> Result<(), DbError>
+where
+    E: Executor<'e, Database = Backend>,
+{
+    sqlx::query(
+        r"INSERT INTO accounts (user_id, touched_at)
+          VALUES ($1, $2)
+          ON CONFLICT (user_id) DO UPDATE
+          SET touched_at = excluded.touched_at",
+    )
+    .bind(user.as_str())
+    .bind(crate::unix_now())
+    .execute(executor)
+    .await
+    .map_err(query_failed("lock an account"))?;
+    Ok(())
 }
 
 // ===== Stripe events =====

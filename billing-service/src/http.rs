@@ -3,39 +3,51 @@
 //!
 //! Every error answer is `application/problem+json` (RFC 9457) with `type`, `title`, `status`
 //! and `detail`. Internal failures are logged once here and answered generically; database
-//! and Stripe details never reach the client. Checkout and webhook handling live in their
-//! own modules; the small read-only handlers live here.
+//! and Stripe details never reach the client. Checkout, webhook and debit handling live in
+//! their own modules; the small read-only handlers live here. The public API is described
+//! by the OpenAPI document served at `/openapi.json` (`openapi.json` beside this file),
+//! which must change together with the routes and bodies here.
 
 use std::error::Error as _;
 use std::future::Future;
 use std::sync::Arc;
 
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, State};
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, State};
 use axum::http::header::{AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tollgate_auth::{BearerVerifier, UserId};
 
 use crate::catalog::{Catalog, Package, Tokens};
 use crate::checkout::{self, CheckoutError};
 use crate::config::{Config, Environment, Secret, WebhookSettings};
-use crate::db::Pool;
-use crate::ledger::{self, LedgerError, Transaction};
+use crate::db::{self, DbError, Pool, PurchaseView};
+use crate::debit::{self, DebitError};
+use crate::ledger::{self, Cursor, LedgerError, Transaction};
 use crate::metrics::Metrics;
-use crate::stripe::{StripeClient, StripeError};
+use crate::stripe::{SessionId, StripeClient, StripeError};
 use crate::webhook::{self, signature::SignatureError, WebhookError};
 
 /// Largest accepted checkout request body, in bytes.
 const CHECKOUT_BODY_LIMIT: usize = 16 * 1024;
 
-/// Most ledger rows returned by `GET /api/v1/tokens/transactions`.
-const TRANSACTIONS_PAGE: u32 = 100;
+/// Largest accepted debit request body, in bytes.
+const DEBIT_BODY_LIMIT: usize = 4 * 1024;
+
+/// Ledger rows per page of `GET /api/v1/tokens/transactions` when `limit` is not given.
+const TRANSACTIONS_PAGE_DEFAULT: u32 = 50;
+
+/// Most ledger rows one page may hold.
+const TRANSACTIONS_PAGE_MAX: u32 = 100;
+
+/// The OpenAPI 3 description of the public API, served as written.
+const OPENAPI_DOCUMENT: &str = include_str!("openapi.json");
 
 // ===== State =====
 
@@ -55,6 +67,8 @@ pub struct Inner {
     pub(crate) webhook_secret: Option<Secret>,
     /// `None` when `STRIPE_SECRET_KEY` is unset: checkout gets 503.
     pub(crate) stripe: Option<StripeClient>,
+    /// `None` when `BILLING_SERVICE_TOKEN` is unset: debits get 503.
+    pub(crate) service_token: Option<Secret>,
     /// `None` when `JWT_SECRET` is unset: every bearer request gets 401.
     verifier: Option<BearerVerifier>,
     publishable_key: Option<String>,
@@ -100,6 +114,7 @@ impl AppState {
                 webhook: config.webhook.clone(),
                 webhook_secret: env.stripe_webhook_secret.clone(),
                 stripe,
+                service_token: env.billing_service_token.clone(),
                 verifier,
                 publishable_key: env.stripe_publishable_key.clone(),
                 checkout_expiry_secs,
@@ -115,9 +130,10 @@ impl AppState {
 
 // ===== Routers and listeners =====
 
-/// The public API.
+/// The public API, plus the internal debit endpoint that the gateway does not route.
 pub fn router(state: AppState) -> Router {
     Router::new()
+        .route("/openapi.json", get(openapi_document))
         .route("/api/v1/stripe/packages", get(list_packages))
         .route("/api/v1/stripe/packages/{id}", get(get_package))
         .route("/api/v1/stripe/config", get(stripe_config))
@@ -129,6 +145,11 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/stripe/webhook", post(webhook::receive))
         .route("/api/v1/tokens/balance", get(balance))
         .route("/api/v1/tokens/transactions", get(transactions))
+        .route("/api/v1/stripe/payments/{session_id}", get(payment))
+        .route(
+            "/internal/v1/tokens/debit",
+            post(debit::debit).layer(DefaultBodyLimit::max(DEBIT_BODY_LIMIT)),
+        )
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .with_state(state)
@@ -275,18 +296,74 @@ async fn balance(
 #[derive(Serialize)]
 struct TransactionList {
     user_id: String,
+    /// Newest first.
     transactions: Vec<Transaction>,
+    /// Pass as `before` to get the next (older) page; `null` on the last page.
+    next_before: Option<String>,
+}
+
+/// Query of `GET /api/v1/tokens/transactions`. Read as text so that a bad value gets the
+/// same problem answer as every other client mistake.
+#[derive(Deserialize)]
+struct TransactionsQuery {
+    limit: Option<String>,
+    before: Option<String>,
 }
 
 async fn transactions(
     State(state): State<AppState>,
     AuthenticatedUser(user): AuthenticatedUser,
+    query: Result<Query<TransactionsQuery>, QueryRejection>,
 ) -> Result<Json<TransactionList>, ApiError> {
-    let transactions = ledger::transactions(&state.pool, &user, TRANSACTIONS_PAGE).await?;
+    let Query(query) = query.map_err(|_| ApiError::InvalidQuery("query string is malformed"))?;
+    let limit = match query.limit.as_deref() {
+        None => TRANSACTIONS_PAGE_DEFAULT,
+        Some(text) => text
+            .parse::<u32>()
+            .ok()
+            .filter(|limit| (1..=TRANSACTIONS_PAGE_MAX).contains(limit))
+            .ok_or(ApiError::InvalidQuery(
+                "limit must be an integer from 1 to 100",
+            ))?,
+    };
+    let before = match query.before.as_deref() {
+        None => None,
+        Some(text) => Some(Cursor::parse(text).ok_or(ApiError::InvalidQuery(
+            "before is not a cursor from next_before",
+        ))?),
+    };
+
+    // One row more than asked tells whether another page follows.
+    let mut transactions =
+        ledger::transactions(&state.pool, &user, limit + 1, before.as_ref()).await?;
+    let more = transactions.len() > limit as usize;
+    transactions.truncate(limit as usize);
+    let next_before = more
+        .then(|| transactions.last().map(Cursor::after))
+        .flatten();
     Ok(Json(TransactionList {
         user_id: user.to_string(),
         transactions,
+        next_before,
     }))
+}
+
+/// `GET /api/v1/stripe/payments/{session_id}`: one purchase, for its owner only. Another
+/// user's session answers exactly like an unknown one, so ids cannot be probed.
+async fn payment(
+    State(state): State<AppState>,
+    AuthenticatedUser(user): AuthenticatedUser,
+    Path(session_id): Path<String>,
+) -> Result<Json<PurchaseView>, ApiError> {
+    let session = SessionId::new(session_id);
+    match db::find_owned_purchase(&state.pool, &session, &user).await? {
+        Some(purchase) => Ok(Json(purchase)),
+        None => Err(ApiError::NotFound),
+    }
+}
+
+async fn openapi_document() -> Response {
+    ([(CONTENT_TYPE, "application/json")], OPENAPI_DOCUMENT).into_response()
 }
 
 // ===== Errors =====
@@ -303,6 +380,8 @@ pub enum ApiError {
     MethodNotAllowed,
     #[error("no package with id {0:?}")]
     UnknownPackage(String),
+    #[error("{0}")]
+    InvalidQuery(&'static str),
     #[error(transparent)]
     Body(#[from] BytesRejection),
     #[error(transparent)]
@@ -310,7 +389,11 @@ pub enum ApiError {
     #[error(transparent)]
     Webhook(#[from] WebhookError),
     #[error(transparent)]
+    Debit(#[from] DebitError),
+    #[error(transparent)]
     Ledger(#[from] LedgerError),
+    #[error(transparent)]
+    Storage(#[from] DbError),
 }
 
 impl ApiError {
@@ -319,6 +402,7 @@ impl ApiError {
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::NotFound | Self::UnknownPackage(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::InvalidQuery(_) => StatusCode::BAD_REQUEST,
             Self::Body(rejection) => rejection.status(),
             Self::Checkout(error) => match error {
                 CheckoutError::InvalidBody(_) => StatusCode::BAD_REQUEST,
@@ -345,7 +429,16 @@ impl ApiError {
                     StatusCode::INTERNAL_SERVER_ERROR
                 }
             },
-            Self::Ledger(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Debit(error) => match error {
+                DebitError::NotConfigured => StatusCode::SERVICE_UNAVAILABLE,
+                DebitError::Unauthorized => StatusCode::UNAUTHORIZED,
+                DebitError::InvalidBody(_) => StatusCode::BAD_REQUEST,
+                DebitError::InvalidRequest(_) => StatusCode::UNPROCESSABLE_ENTITY,
+                DebitError::InsufficientBalance { .. } => StatusCode::PAYMENT_REQUIRED,
+                DebitError::KeyReused => StatusCode::CONFLICT,
+                DebitError::Storage(_) | DebitError::Ledger(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            },
+            Self::Ledger(_) | Self::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -358,8 +451,21 @@ impl ApiError {
             Self::UnknownPackage(_) | Self::Checkout(CheckoutError::UnknownPackage(_)) => {
                 ("unknown-package", "Unknown package")
             }
-            Self::Body(_) | Self::Checkout(CheckoutError::InvalidBody(_)) => {
+            Self::InvalidQuery(_) => ("invalid-query", "Invalid query parameter"),
+            Self::Body(_)
+            | Self::Checkout(CheckoutError::InvalidBody(_))
+            | Self::Debit(DebitError::InvalidBody(_) | DebitError::InvalidRequest(_)) => {
                 ("invalid-body", "Invalid request body")
+            }
+            Self::Debit(DebitError::NotConfigured) => {
+                ("debit-not-configured", "Debits are not configured")
+            }
+            Self::Debit(DebitError::Unauthorized) => ("unauthorized", "Authentication required"),
+            Self::Debit(DebitError::InsufficientBalance { .. }) => {
+                ("insufficient-balance", "Not enough tokens")
+            }
+            Self::Debit(DebitError::KeyReused) => {
+                ("idempotency-key-reused", "Idempotency key already used")
             }
             Self::Checkout(CheckoutError::InvalidUrl { .. }) => ("invalid-url", "Invalid URL"),
             Self::Checkout(CheckoutError::UnusableUserId) => {
@@ -390,7 +496,9 @@ impl ApiError {
             Self::Webhook(WebhookError::InvalidEvent(_)) => ("invalid-event", "Invalid event"),
             Self::Checkout(CheckoutError::Storage(_))
             | Self::Webhook(WebhookError::Storage(_) | WebhookError::Ledger(_))
-            | Self::Ledger(_) => ("internal", "Internal error"),
+            | Self::Debit(DebitError::Storage(_) | DebitError::Ledger(_))
+            | Self::Ledger(_)
+            | Self::Storage(_) => ("internal", "Internal error"),
         }
     }
 
@@ -411,6 +519,9 @@ impl ApiError {
             Self::Webhook(WebhookError::NotConfigured) => {
                 "this server has no Stripe webhook secret configured".to_owned()
             }
+            Self::Debit(DebitError::NotConfigured) => {
+                "this server has no service token configured".to_owned()
+            }
             _ if status.is_server_error() => {
                 "the request could not be completed; try again later".to_owned()
             }
@@ -427,6 +538,9 @@ struct Problem {
     title: &'static str,
     status: u16,
     detail: String,
+    /// The current balance, on an insufficient-balance answer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    balance: Option<Tokens>,
 }
 
 impl IntoResponse for ApiError {
@@ -451,6 +565,10 @@ impl IntoResponse for ApiError {
             title,
             status: status.as_u16(),
             detail: self.detail(),
+            balance: match &self {
+                Self::Debit(DebitError::InsufficientBalance { balance, .. }) => Some(*balance),
+                _ => None,
+            },
         };
         let mut response = (status, Json(problem)).into_response();
         let headers = response.headers_mut();

@@ -8,8 +8,9 @@
 //! - [`http`]: the router, the request extractors and the one error-to-status mapping.
 //! - [`checkout`]: records a pending purchase and opens a Stripe Checkout Session for it.
 //! - [`webhook`]: receives Stripe events, verifies them and applies them to the ledger.
+//! - [`debit`]: the internal endpoint through which the application spends tokens.
 //! - [`ledger`]: append-only token transactions; a balance is the sum of its rows.
-//! - [`db`]: the connection pool, migrations and the purchase and event records.
+//! - [`db`]: the pool (SQLite or Postgres), migrations, purchase, refund and event records.
 //! - [`stripe`]: the outbound Stripe API client (timeouts, retries, idempotency keys).
 //! - [`metrics`]: every Prometheus metric the service exports, and the admin listener.
 
@@ -17,6 +18,7 @@ pub mod catalog;
 pub mod checkout;
 pub mod config;
 pub mod db;
+pub mod debit;
 pub mod http;
 pub mod ledger;
 pub mod metrics;

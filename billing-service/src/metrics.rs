@@ -22,6 +22,12 @@ pub enum WebhookOutcome {
     AwaitingPayment,
     /// The session expired or its delayed payment failed.
     Closed,
+    /// A refund of a granted purchase; tokens were clawed back if any were still owed.
+    Refunded,
+    /// A refund of a payment billing has not granted (yet); recorded for a later grant.
+    RefundUnmatched,
+    /// A refund that cannot be applied (missing figures, other currency); recorded.
+    RefundUnusable,
     /// A type billing does not act on.
     Ignored,
     NotConfigured,
@@ -45,6 +51,9 @@ impl WebhookOutcome {
             Self::Mismatch => "mismatch",
             Self::AwaitingPayment => "awaiting_payment",
             Self::Closed => "closed",
+            Self::Refunded => "refunded",
+            Self::RefundUnmatched => "refund_unmatched",
+            Self::RefundUnusable => "refund_unusable",
             Self::Ignored => "ignored",
             Self::NotConfigured => "not_configured",
             Self::BodyTooLarge => "body_too_large",

@@ -50,8 +50,14 @@ macro_rules! string_id {
     };
 }
 
+/// A PaymentIntent id (`pi_...`): what a charge, and so a refund, names as its payment.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, sqlx::Type)]
+#[sqlx(transparent)]
+pub struct PaymentIntentId(String);
+
 string_id!(SessionId);
 string_id!(EventId);
+string_id!(PaymentIntentId);
 
 /// Why a Stripe call produced no usable answer.
 #[derive(Debug, thiserror::Error)]

@@ -19,13 +19,16 @@ use serde_json::Value;
 use tollgate_auth::UserId;
 use tracing::Instrument;
 
-use crate::catalog::{Catalog, Cents, Tokens};
+use crate::catalog::{Catalog, Cents, PackageId, Tokens};
 use crate::config::WebhookSettings;
-use crate::db::{self, DbError, EventRecord, PurchaseRecord, PurchaseStatus};
+use crate::db::{
+    self, Backend, ChargeRefund, DbError, EventRecord, ExternalPurchase, PaidPurchase,
+    PurchaseRecord, PurchaseStatus,
+};
 use crate::http::{ApiError, AppState};
-use crate::ledger::{self, LedgerError, PurchaseGrant};
+use crate::ledger::{self, LedgerError, StripeEntry};
 use crate::metrics::WebhookOutcome;
-use crate::stripe::{EventId, SessionId};
+use crate::stripe::{EventId, PaymentIntentId, SessionId};
 
 use self::signature::SignatureError;
 
@@ -90,6 +93,7 @@ pub async fn receive(
         stripe.event_id = tracing::field::Empty,
         stripe.event_type = tracing::field::Empty,
         stripe.session_id = tracing::field::Empty,
+        stripe.payment_intent = tracing::field::Empty,
     );
     let result = process(&state, &headers, body)
         .instrument(span.clone())
@@ -199,6 +203,8 @@ enum Handling {
     Fulfil,
     /// The session can no longer be paid.
     Close,
+    /// A charge was (partly) refunded: claw back the matching share of its tokens.
+    Refund,
     Ignore,
 }
 
@@ -208,8 +214,20 @@ fn handling(event_type: &str) -> Handling {
             Handling::Fulfil
         }
         "checkout.session.expired" | "checkout.session.async_payment_failed" => Handling::Close,
+        "charge.refunded" => Handling::Refund,
         _ => Handling::Ignore,
     }
+}
+
+/// Reads a string field, or the `id` of an expanded object in its place (Stripe expands
+/// `payment_intent` into an object on request).
+fn text_or_id(value: Option<&Value>) -> Option<String> {
+    let value = value?;
+    value
+        .as_str()
+        .or_else(|| value.get("id").and_then(Value::as_str))
+        .filter(|text| !text.is_empty())
+        .map(str::to_owned)
 }
 
 /// The fields of a Checkout Session that decide a grant, read leniently: a missing field or
@@ -224,6 +242,7 @@ struct SessionView {
     client_reference_id: Option<String>,
     metadata_user_id: Option<String>,
     metadata_package_id: Option<String>,
+    payment_intent: Option<PaymentIntentId>,
 }
 
 impl SessionView {
@@ -238,6 +257,29 @@ impl SessionView {
             client_reference_id: text(object.get("client_reference_id")),
             metadata_user_id: text(metadata.and_then(|m| m.get("user_id"))),
             metadata_package_id: text(metadata.and_then(|m| m.get("package_id"))),
+            payment_intent: text_or_id(object.get("payment_intent")).map(PaymentIntentId::new),
+        }
+    }
+}
+
+/// The fields of a refunded Charge that decide a clawback, read as leniently.
+#[derive(Debug, Default)]
+struct ChargeView {
+    id: Option<String>,
+    amount: Option<i64>,
+    amount_refunded: Option<i64>,
+    currency: Option<String>,
+    payment_intent: Option<PaymentIntentId>,
+}
+
+impl ChargeView {
+    fn read(object: &Value) -> Self {
+        Self {
+            id: text_or_id(object.get("id")),
+            amount: object.get("amount").and_then(Value::as_i64),
+            amount_refunded: object.get("amount_refunded").and_then(Value::as_i64),
+            currency: text_or_id(object.get("currency")),
+            payment_intent: text_or_id(object.get("payment_intent")).map(PaymentIntentId::new),
         }
     }
 }
@@ -248,6 +290,7 @@ async fn apply_event(state: &AppState, event: &Event) -> Result<WebhookOutcome, 
     match handling(&event.event_type) {
         Handling::Fulfil => fulfil(state, event).await,
         Handling::Close => close(state, event).await,
+        Handling::Refund => refund(state, event).await,
         Handling::Ignore => {
             state.metrics.event_ignored(&event.event_type);
             tracing::debug!("event type ignored");
@@ -283,12 +326,16 @@ async fn fulfil(state: &AppState, event: &Event) -> Result<WebhookOutcome, Webho
     }
 }
 
-/// A paid session that checks out: who gets how many tokens.
+/// A paid session that checks out: who gets how many tokens, and what was paid.
 #[derive(Debug, PartialEq, Eq)]
 struct Grant {
     session: SessionId,
     user: UserId,
     tokens: Tokens,
+    package: PackageId,
+    amount: Cents,
+    currency: String,
+    payment_intent: Option<PaymentIntentId>,
 }
 
 /// Decides whether a paid session earns tokens.
@@ -308,7 +355,7 @@ fn assess(
     let user = session_user(session)?;
     let package_id = session.metadata_package_id.as_deref();
 
-    let (tokens, amount, currency) = match purchase {
+    let (package, tokens, amount, currency) = match purchase {
         Some(purchase) => {
             if purchase.user_id != user.as_str() {
                 return Err("user differs from the recorded purchase".to_owned());
@@ -317,6 +364,7 @@ fn assess(
                 return Err("package differs from the recorded purchase".to_owned());
             }
             (
+                purchase.package_id.clone(),
                 purchase.tokens,
                 purchase.amount_cents,
                 purchase.currency.as_str(),
@@ -326,7 +374,12 @@ fn assess(
             let Some(package) = package_id.and_then(|id| catalog.get(id)) else {
                 return Err("package is missing or unknown".to_owned());
             };
-            (package.tokens, package.price, catalog.currency())
+            (
+                package.id.clone(),
+                package.tokens,
+                package.price,
+                catalog.currency(),
+            )
         }
     };
 
@@ -346,6 +399,10 @@ fn assess(
         session: session_id,
         user,
         tokens,
+        package,
+        amount,
+        currency: currency.to_owned(),
+        payment_intent: session.payment_intent.clone(),
     })
 }
 
@@ -368,25 +425,24 @@ fn session_user(session: &SessionView) -> Result<UserId, String> {
     UserId::new(user).ok_or_else(|| "session user is empty".to_owned())
 }
 
-/// Records the event and appends the grant in one transaction. If either the event or the
-/// session was seen before, the transaction is rolled back and nothing changes.
+/// Records the event, appends the grant and marks the purchase fulfilled, in one
+/// transaction. If either the event or the session was seen before, the transaction is
+/// rolled back and nothing changes. A refund that arrived before the grant is settled in
+/// the same transaction.
 async fn write_grant(
     state: &AppState,
     event_id: &EventId,
     event: &Event,
     grant: &Grant,
 ) -> Result<WebhookOutcome, WebhookError> {
-    let mut transaction = state.pool.begin().await.map_err(|source| DbError::Query {
-        operation: "begin a grant transaction",
-        source,
-    })?;
+    let mut transaction = db::begin(&state.pool, "begin a grant transaction").await?;
 
     let record = event_record(event_id, event, Some(&grant.session), "granted");
     if !db::record_event(&mut *transaction, &record).await? {
         tracing::info!("duplicate event delivery");
         return Ok(WebhookOutcome::DuplicateEvent);
     }
-    let ledger_row = PurchaseGrant {
+    let ledger_row = StripeEntry {
         user: &grant.user,
         tokens: grant.tokens,
         event_id,
@@ -396,20 +452,39 @@ async fn write_grant(
         tracing::info!("session already granted");
         return Ok(WebhookOutcome::AlreadyGranted);
     };
-    db::set_session_status(&mut *transaction, &grant.session, PurchaseStatus::Fulfilled).await?;
-    transaction
-        .commit()
-        .await
-        .map_err(|source| DbError::Query {
-            operation: "commit a grant",
-            source,
-        })?;
+
+    let payment_intent = grant.payment_intent.as_ref();
+    if !db::mark_fulfilled(&mut *transaction, &grant.session, payment_intent).await? {
+        let external = ExternalPurchase {
+            user: &grant.user,
+            package_id: &grant.package,
+            tokens: grant.tokens,
+            amount: grant.amount,
+            currency: &grant.currency,
+            session_id: &grant.session,
+            payment_intent,
+        };
+        db::insert_external_purchase(&mut *transaction, &external).await?;
+    }
+    let mut clawback = Tokens(0);
+    if let Some(payment_intent) = payment_intent {
+        db::claim_refund_record(&mut *transaction, payment_intent).await?;
+        let paid = PaidPurchase {
+            session_id: grant.session.clone(),
+            user_id: grant.user.to_string(),
+            tokens: grant.tokens,
+            currency: grant.currency.clone(),
+        };
+        clawback = settle_clawback(&mut transaction, &paid, payment_intent, event_id).await?;
+    }
+    db::commit(transaction, "commit a grant").await?;
 
     state.metrics.grant(grant.tokens);
     tracing::info!(
         ledger.grant_id = grant_id,
         user.id = grant.user.as_str(),
         ledger.tokens = grant.tokens.0,
+        ledger.clawed_back = clawback.0,
         "tokens granted"
     );
     Ok(WebhookOutcome::Granted)
@@ -422,10 +497,7 @@ async fn record_mismatch(
     session: &SessionView,
     reason: &str,
 ) -> Result<WebhookOutcome, WebhookError> {
-    let mut transaction = state.pool.begin().await.map_err(|source| DbError::Query {
-        operation: "begin a mismatch transaction",
-        source,
-    })?;
+    let mut transaction = db::begin(&state.pool, "begin a mismatch transaction").await?;
 
     let mut record = event_record(event_id, event, session.id.as_ref(), "mismatch");
     record.detail = Some(reason);
@@ -435,13 +507,7 @@ async fn record_mismatch(
     if let Some(id) = &session.id {
         db::set_session_status(&mut *transaction, id, PurchaseStatus::Mismatch).await?;
     }
-    transaction
-        .commit()
-        .await
-        .map_err(|source| DbError::Query {
-            operation: "commit a mismatch",
-            source,
-        })?;
+    db::commit(transaction, "commit a mismatch").await?;
 
     tracing::warn!(
         reason,
@@ -454,10 +520,7 @@ async fn record_mismatch(
 async fn close(state: &AppState, event: &Event) -> Result<WebhookOutcome, WebhookError> {
     let session = SessionView::read(&event.data.object);
     let event_id = EventId::new(event.id.as_str());
-    let mut transaction = state.pool.begin().await.map_err(|source| DbError::Query {
-        operation: "begin a close transaction",
-        source,
-    })?;
+    let mut transaction = db::begin(&state.pool, "begin a close transaction").await?;
 
     let record = event_record(&event_id, event, session.id.as_ref(), "closed");
     if !db::record_event(&mut *transaction, &record).await? {
@@ -466,16 +529,148 @@ async fn close(state: &AppState, event: &Event) -> Result<WebhookOutcome, Webhoo
     if let Some(id) = &session.id {
         db::set_session_status(&mut *transaction, id, PurchaseStatus::Closed).await?;
     }
-    transaction
-        .commit()
-        .await
-        .map_err(|source| DbError::Query {
-            operation: "commit a closed purchase",
-            source,
-        })?;
+    db::commit(transaction, "commit a closed purchase").await?;
 
     tracing::info!("checkout session closed without payment");
     Ok(WebhookOutcome::Closed)
+}
+
+// ===== Refunds =====
+
+/// Applies `charge.refunded`: stores the charge's cumulative refunded amount, then claws
+/// back whatever share of the purchase's tokens is owed and not yet taken.
+///
+/// A refund of a payment billing has not granted is stored and acknowledged; the grant,
+/// when it comes, settles it. The event id is recorded last, in the same transaction, so
+/// a duplicate is rolled back whole.
+async fn refund(state: &AppState, event: &Event) -> Result<WebhookOutcome, WebhookError> {
+    let charge = ChargeView::read(&event.data.object);
+    let event_id = EventId::new(event.id.as_str());
+    let (Some(payment_intent), Some(charge_id), Some(amount), Some(refunded), Some(currency)) = (
+        charge.payment_intent.as_ref(),
+        charge.id.as_deref(),
+        charge.amount.filter(|amount| *amount > 0),
+        charge.amount_refunded.filter(|refunded| *refunded >= 0),
+        charge.currency.as_deref(),
+    ) else {
+        let mut record = event_record(&event_id, event, None, "refund_unusable");
+        record.detail = Some("charge lacks payment_intent, id, amount or currency");
+        if !db::record_event(&state.pool, &record).await? {
+            return Ok(WebhookOutcome::DuplicateEvent);
+        }
+        tracing::warn!("refunded charge cannot be matched; nothing clawed back");
+        return Ok(WebhookOutcome::RefundUnusable);
+    };
+    tracing::Span::current().record("stripe.payment_intent", payment_intent.as_str());
+
+    let mut transaction = db::begin(&state.pool, "begin a refund transaction").await?;
+    let figures = ChargeRefund {
+        payment_intent,
+        charge_id,
+        amount: Cents(amount),
+        amount_refunded: Cents(refunded),
+        currency,
+    };
+    db::upsert_charge_refund(&mut *transaction, &figures).await?;
+
+    let purchase = db::find_paid_purchase(&mut *transaction, payment_intent).await?;
+    let (outcome, clawback) = match &purchase {
+        Some(purchase) => {
+            let clawback =
+                settle_clawback(&mut transaction, purchase, payment_intent, &event_id).await?;
+            (WebhookOutcome::Refunded, clawback)
+        }
+        None => (WebhookOutcome::RefundUnmatched, Tokens(0)),
+    };
+    let session = purchase.as_ref().map(|purchase| &purchase.session_id);
+    let label = match outcome {
+        WebhookOutcome::Refunded => "refunded",
+        _ => "refund_unmatched",
+    };
+    if !db::record_event(
+        &mut *transaction,
+        &event_record(&event_id, event, session, label),
+    )
+    .await?
+    {
+        return Ok(WebhookOutcome::DuplicateEvent);
+    }
+    db::commit(transaction, "commit a refund").await?;
+
+    if outcome == WebhookOutcome::RefundUnmatched {
+        tracing::warn!("refund for a payment billing has not granted; stored for later");
+    } else {
+        tracing::info!(ledger.tokens = -clawback.0, "refund applied");
+    }
+    Ok(outcome)
+}
+
+/// Claws back what a refunded purchase still owes, inside the caller's transaction, and
+/// returns the tokens taken now (0 when nothing is owed).
+///
+/// What is owed in total follows the charge's cumulative refund, rounded down so that a
+/// partial refund never takes more than its share:
+///
+/// ```text
+/// owed_total = floor(tokens * min(amount_refunded, amount) / amount)
+/// take_now   = owed_total - already_clawed_back      (nothing if <= 0)
+/// ```
+///
+/// For 1,000 tokens bought for 500 cents, refunds of 200 then 500 cumulative cents take
+/// 400 then 600 more. A balance may go negative when the tokens were already spent; the
+/// clawback is booked anyway, so the ledger shows what is owed.
+async fn settle_clawback(
+    transaction: &mut sqlx::Transaction<'static, Backend>,
+    purchase: &PaidPurchase,
+    payment_intent: &PaymentIntentId,
+    event_id: &EventId,
+) -> Result<Tokens, WebhookError> {
+    let Some(refund) = db::find_refund_state(&mut **transaction, payment_intent).await? else {
+        return Ok(Tokens(0));
+    };
+    let Some(user) = UserId::new(purchase.user_id.as_str()) else {
+        return Ok(Tokens(0));
+    };
+    if refund.amount_cents.0 <= 0 {
+        return Ok(Tokens(0));
+    }
+    if !refund.currency.eq_ignore_ascii_case(&purchase.currency) {
+        tracing::warn!(
+            refund.currency = refund.currency,
+            "refund currency differs from the purchase; nothing clawed back"
+        );
+        return Ok(Tokens(0));
+    }
+
+    let owed_total = owed_clawback(
+        purchase.tokens,
+        refund.amount_cents,
+        refund.amount_refunded_cents,
+    );
+    let already = ledger::clawed_back(&mut **transaction, &purchase.session_id).await?;
+    let take_now = Tokens(owed_total.0 - already.0);
+    if take_now.0 <= 0 {
+        return Ok(Tokens(0));
+    }
+    let entry = StripeEntry {
+        user: &user,
+        tokens: Tokens(-take_now.0),
+        event_id,
+        session_id: &purchase.session_id,
+    };
+    ledger::append_clawback(&mut **transaction, &entry).await?;
+    Ok(take_now)
+}
+
+/// The total clawback owed for a charge of `amount` of which `refunded` was given back; see
+/// [`settle_clawback`].
+fn owed_clawback(tokens: Tokens, amount: Cents, refunded: Cents) -> Tokens {
+    if amount.0 <= 0 || refunded.0 <= 0 {
+        return Tokens(0);
+    }
+    let refunded = i128::from(refunded.0.min(amount.0));
+    let owed = i128::from(tokens.0) * refunded / i128::from(amount.0);
+    Tokens(i64::try_from(owed).unwrap_or(tokens.0))
 }
 
 fn event_record<'a>(
@@ -498,7 +693,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::catalog::{Package, PackageId};
+    use crate::catalog::Package;
     use crate::db::PurchaseId;
 
     fn catalog() -> Catalog {
@@ -600,13 +795,26 @@ mod tests {
     }
 
     #[test]
-    fn only_checkout_session_types_are_handled() {
+    fn clawback_follows_the_cumulative_refund_rounded_down() {
+        let owed = |refunded| owed_clawback(Tokens(1_000), Cents(500), Cents(refunded)).0;
+        assert_eq!(owed(0), 0);
+        assert_eq!(owed(200), 400);
+        assert_eq!(owed(500), 1_000);
+        assert_eq!(owed(1), 2);
+        assert_eq!(owed(900), 1_000, "never more than the purchase");
+        assert_eq!(owed_clawback(Tokens(1_000), Cents(3), Cents(1)).0, 333);
+        assert_eq!(owed_clawback(Tokens(5), Cents(0), Cents(1)).0, 0);
+    }
+
+    #[test]
+    fn only_checkout_session_and_refund_types_are_handled() {
         assert_eq!(handling("checkout.session.completed"), Handling::Fulfil);
         assert_eq!(
             handling("checkout.session.async_payment_succeeded"),
             Handling::Fulfil
         );
         assert_eq!(handling("checkout.session.expired"), Handling::Close);
+        assert_eq!(handling("charge.refunded"), Handling::Refund);
         assert_eq!(handling("payment_intent.succeeded"), Handling::Ignore);
         assert_eq!(handling("customer.tax_id.created"), Handling::Ignore);
     }

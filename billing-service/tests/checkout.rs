@@ -5,10 +5,19 @@ mod common;
 use std::collections::BTreeMap;
 
 use common::{
-    read_shared, token, unix_now, Options, StandInMode, StripeStandIn, TestServer, STRIPE_KEY,
+    read_shared, token, unix_now, Db, Options, StandInMode, StripeStandIn, TestServer, STRIPE_KEY,
 };
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+
+both_backends!(
+    checkout_sends_stripes_form_and_returns_the_session_url,
+    retried_attempt_reuses_its_idempotency_key,
+    stripe_refusal_is_502_and_unreachable_stripe_is_503,
+    bad_checkout_requests_get_problem_answers,
+    missing_stripe_key_is_503,
+    packages_and_public_config_are_served,
+);
 
 /// Form fields whose values legitimately differ from the captured reference request: the
 /// buyer's URLs, our package id (the capture used `tokens_1000`) and the expiry time.
@@ -58,14 +67,13 @@ fn reference_form() -> BTreeMap<String, String> {
         .collect()
 }
 
-#[tokio::test]
-async fn checkout_sends_stripes_form_and_returns_the_session_url() {
+async fn checkout_sends_stripes_form_and_returns_the_session_url(db: Db) {
     let stripe = StripeStandIn::start(StandInMode::Succeed).await;
     let options = Options {
         stripe_api_base: Some(stripe.base.clone()),
         ..Options::default()
     };
-    let server = TestServer::start(options).await;
+    let server = TestServer::start(db, options).await;
 
     let before = unix_now();
     let body = checkout_body("starter").to_string();
@@ -135,14 +143,13 @@ async fn checkout_sends_stripes_form_and_returns_the_session_url() {
     assert_eq!(server.balance("42").await, 1_000);
 }
 
-#[tokio::test]
-async fn retried_attempt_reuses_its_idempotency_key() {
+async fn retried_attempt_reuses_its_idempotency_key(db: Db) {
     let stripe = StripeStandIn::start(StandInMode::FailFirst(1)).await;
     let options = Options {
         stripe_api_base: Some(stripe.base.clone()),
         ..Options::default()
     };
-    let server = TestServer::start(options).await;
+    let server = TestServer::start(db, options).await;
 
     let body = checkout_body("pro").to_string();
     let response = post_checkout(&server, Some(&token("42")), body.clone()).await;
@@ -160,14 +167,13 @@ async fn retried_attempt_reuses_its_idempotency_key() {
     assert_ne!(stripe.requests()[2].headers["idempotency-key"], key(0));
 }
 
-#[tokio::test]
-async fn stripe_refusal_is_502_and_unreachable_stripe_is_503() {
+async fn stripe_refusal_is_502_and_unreachable_stripe_is_503(db: Db) {
     let stripe = StripeStandIn::start(StandInMode::Reject).await;
     let options = Options {
         stripe_api_base: Some(stripe.base.clone()),
         ..Options::default()
     };
-    let server = TestServer::start(options).await;
+    let server = TestServer::start(db, options).await;
     let body = checkout_body("starter").to_string();
     let response = post_checkout(&server, Some(&token("42")), body.clone()).await;
     assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
@@ -179,19 +185,18 @@ async fn stripe_refusal_is_502_and_unreachable_stripe_is_503() {
         .contains("parameter_invalid"));
 
     // The default test API base has nothing listening.
-    let server = TestServer::start(Options::default()).await;
+    let server = TestServer::start(db, Options::default()).await;
     let response = post_checkout(&server, Some(&token("42")), body).await;
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
 }
 
-#[tokio::test]
-async fn bad_checkout_requests_get_problem_answers() {
+async fn bad_checkout_requests_get_problem_answers(db: Db) {
     let stripe = StripeStandIn::start(StandInMode::Succeed).await;
     let options = Options {
         stripe_api_base: Some(stripe.base.clone()),
         ..Options::default()
     };
-    let server = TestServer::start(options).await;
+    let server = TestServer::start(db, options).await;
     let user = token("42");
     let mut bad_url = checkout_body("starter");
     bad_url["success_url"] = json!("javascript:alert(1)");
@@ -245,13 +250,12 @@ async fn bad_checkout_requests_get_problem_answers() {
     );
 }
 
-#[tokio::test]
-async fn missing_stripe_key_is_503() {
+async fn missing_stripe_key_is_503(db: Db) {
     let options = Options {
         stripe_secret_key: None,
         ..Options::default()
     };
-    let server = TestServer::start(options).await;
+    let server = TestServer::start(db, options).await;
     let body = checkout_body("starter").to_string();
     let response = post_checkout(&server, Some(&token("42")), body).await;
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
@@ -259,9 +263,8 @@ async fn missing_stripe_key_is_503() {
     assert_eq!(problem["status"], 503);
 }
 
-#[tokio::test]
-async fn packages_and_public_config_are_served() {
-    let server = TestServer::start(Options::default()).await;
+async fn packages_and_public_config_are_served(db: Db) {
+    let server = TestServer::start(db, Options::default()).await;
     let get = |path: &str| server.client.get(server.url(path)).send();
 
     let list: Value = get("/api/v1/stripe/packages")

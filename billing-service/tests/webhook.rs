@@ -3,16 +3,27 @@
 mod common;
 
 use billing_service::webhook::signature;
-use common::{fixture_with, paid_starter_event, unix_now, Options, TestServer, WEBHOOK_SECRET};
+use common::{fixture_with, paid_starter_event, unix_now, Db, Options, TestServer, WEBHOOK_SECRET};
 use reqwest::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+both_backends!(
+    paid_session_grants_once_however_often_it_is_delivered,
+    bad_signatures_are_400_and_leave_no_trace,
+    body_limit_is_exactly_one_mebibyte,
+    chunked_body_growing_past_the_limit_is_413,
+    ignored_types_are_acknowledged_and_counted,
+    validly_signed_non_json_is_400,
+    price_mismatch_is_acknowledged_but_grants_nothing,
+    delayed_payment_grants_on_async_success_only,
+    missing_webhook_secret_is_503,
+);
+
 const SESSION: &str = "cs_test_a1YS1URlnyQCN5fUUduORoQ7Pw41PJqDWkIVQCpJPqkfIhd6tVY8XB1OLY";
 
-#[tokio::test]
-async fn paid_session_grants_once_however_often_it_is_delivered() {
-    let server = TestServer::start(Options::default()).await;
+async fn paid_session_grants_once_however_often_it_is_delivered(db: Db) {
+    let server = TestServer::start(db, Options::default()).await;
     let event = paid_starter_event();
 
     let first = server.deliver_signed(&event).await;
@@ -48,9 +59,8 @@ async fn paid_session_grants_once_however_often_it_is_delivered() {
     assert!(metrics.contains(r#"billing_webhook_deliveries_total{outcome="already_granted"} 1"#));
 }
 
-#[tokio::test]
-async fn bad_signatures_are_400_and_leave_no_trace() {
-    let server = TestServer::start(Options::default()).await;
+async fn bad_signatures_are_400_and_leave_no_trace(db: Db) {
+    let server = TestServer::start(db, Options::default()).await;
     let event = paid_starter_event();
     let now = unix_now();
 
@@ -88,9 +98,8 @@ async fn bad_signatures_are_400_and_leave_no_trace() {
     assert_eq!(server.balance("42").await, 1_000);
 }
 
-#[tokio::test]
-async fn body_limit_is_exactly_one_mebibyte() {
-    let server = TestServer::start(Options::default()).await;
+async fn body_limit_is_exactly_one_mebibyte(db: Db) {
+    let server = TestServer::start(db, Options::default()).await;
     let padded = |total: usize| {
         let head = r#"{"id":"evt_padded","type":"customer.created","padding":""#;
         let tail = r#""}"#;
@@ -108,9 +117,8 @@ async fn body_limit_is_exactly_one_mebibyte() {
     assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
 }
 
-#[tokio::test]
-async fn chunked_body_growing_past_the_limit_is_413() {
-    let server = TestServer::start(Options::default()).await;
+async fn chunked_body_growing_past_the_limit_is_413(db: Db) {
+    let server = TestServer::start(db, Options::default()).await;
     let stream = TcpStream::connect(server.addr).await.expect("connect");
     let (mut reader, mut writer) = stream.into_split();
 
@@ -147,9 +155,8 @@ async fn chunked_body_growing_past_the_limit_is_413() {
     assert_eq!(server.balance("42").await, 0);
 }
 
-#[tokio::test]
-async fn ignored_types_are_acknowledged_and_counted() {
-    let server = TestServer::start(Options::default()).await;
+async fn ignored_types_are_acknowledged_and_counted(db: Db) {
+    let server = TestServer::start(db, Options::default()).await;
     let event = br#"{"id":"evt_tax","type":"customer.tax_id.created","api_version":"2099-01-01",
         "data":{"object":{"object":"tax_id","new_thing":{"a":1}}}}"#;
     let response = server.deliver_signed(event).await;
@@ -166,16 +173,14 @@ async fn ignored_types_are_acknowledged_and_counted() {
     assert!(metrics.contains(r#"billing_webhook_events_ignored_total{class="other"} 1"#));
 }
 
-#[tokio::test]
-async fn validly_signed_non_json_is_400() {
-    let server = TestServer::start(Options::default()).await;
+async fn validly_signed_non_json_is_400(db: Db) {
+    let server = TestServer::start(db, Options::default()).await;
     let response = server.deliver_signed(b"not json").await;
     assert_eq!(response.status(), StatusCode::BAD_REQUEST);
 }
 
-#[tokio::test]
-async fn price_mismatch_is_acknowledged_but_grants_nothing() {
-    let server = TestServer::start(Options::default()).await;
+async fn price_mismatch_is_acknowledged_but_grants_nothing(db: Db) {
+    let server = TestServer::start(db, Options::default()).await;
     let cheap = fixture_with(
         "event_checkout_session_completed.json",
         &[
@@ -209,9 +214,8 @@ async fn price_mismatch_is_acknowledged_but_grants_nothing() {
     assert!(metrics.contains(r#"billing_webhook_deliveries_total{outcome="mismatch"} 2"#));
 }
 
-#[tokio::test]
-async fn delayed_payment_grants_on_async_success_only() {
-    let server = TestServer::start(Options::default()).await;
+async fn delayed_payment_grants_on_async_success_only(db: Db) {
+    let server = TestServer::start(db, Options::default()).await;
     let unpaid = fixture_with(
         "event_checkout_session_completed_unpaid.json",
         &[(
@@ -239,13 +243,12 @@ async fn delayed_payment_grants_on_async_success_only() {
     assert_eq!(server.balance("42").await, 1_000);
 }
 
-#[tokio::test]
-async fn missing_webhook_secret_is_503() {
+async fn missing_webhook_secret_is_503(db: Db) {
     let options = Options {
         webhook_secret: None,
         ..Options::default()
     };
-    let server = TestServer::start(options).await;
+    let server = TestServer::start(db, options).await;
     let response = server.deliver_signed(&paid_starter_event()).await;
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(server.balance("42").await, 0);
