@@ -8,12 +8,14 @@ use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use ipnet::IpNet;
 use serde::Deserialize;
 use toml::Spanned;
 
 pub use crate::store::Algorithm;
+use crate::store::{RedisSettings, RedisTarget};
 
 /// A configuration error, already rendered with the file name, line and column.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +61,7 @@ struct RawServer {
     admin_listen: String,
     threads: usize,
     health_paths: Vec<String>,
+    blocked_path_prefixes: Vec<String>,
     body_read_timeout_secs: u64,
     body_timeout_secs: u64,
     max_header_bytes: usize,
@@ -72,6 +75,7 @@ impl Default for RawServer {
             admin_listen: "127.0.0.1:9090".into(),
             threads: 2,
             health_paths: vec!["/healthz".into()],
+            blocked_path_prefixes: vec!["/internal/".into()],
             body_read_timeout_secs: 10,
             body_timeout_secs: 30,
             max_header_bytes: 16 * 1024,
@@ -84,12 +88,35 @@ impl Default for RawServer {
 #[serde(deny_unknown_fields, default)]
 struct RawStore {
     max_tracked_clients: usize,
+    backend: Option<BackendName>,
+    redis_url: Option<String>,
+    cluster_nodes: Vec<String>,
+    key_prefix: String,
+    timeout_ms: Spanned<u64>,
+    breaker_failures: Spanned<u32>,
+    breaker_cooldown_ms: Spanned<u64>,
 }
 
 impl Default for RawStore {
     fn default() -> Self {
-        Self { max_tracked_clients: 1_000_000 }
+        Self {
+            max_tracked_clients: 1_000_000,
+            backend: None,
+            redis_url: None,
+            cluster_nodes: Vec::new(),
+            key_prefix: "tollgate:".into(),
+            timeout_ms: Spanned::new(0..0, 50),
+            breaker_failures: Spanned::new(0..0, 3),
+            breaker_cooldown_ms: Spanned::new(0..0, 1000),
+        }
     }
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+enum BackendName {
+    Memory,
+    Redis,
 }
 
 #[derive(Debug, Deserialize)]
@@ -229,6 +256,8 @@ struct RawLimit {
     fingerprint_quantity: Option<Spanned<u64>>,
     #[serde(default)]
     mode: LimitMode,
+    #[serde(default)]
+    on_store_failure: FailurePolicy,
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -304,6 +333,34 @@ pub enum LimitMode {
     Shadow,
 }
 
+/// What a limit does with a request when the Redis store cannot decide it (timeout, error, or
+/// open circuit breaker). The memory store never fails, so this only matters with Redis.
+///
+/// When a request falls under limits with different policies, the strictest wins: `deny` over
+/// `local` over `allow`.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum FailurePolicy {
+    /// Admit without counting (fail open), and send no rate-limit headers for this limit: the
+    /// gateway has no numbers it computed (default).
+    #[default]
+    Allow,
+    /// Decide on this gateway's own memory counts while Redis is away: limits still hold per
+    /// instance, not across instances. Headers carry those local numbers.
+    Local,
+    /// Answer 503 with a problem body; the upstream is not called.
+    Deny,
+}
+
+/// Where counters live.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StoreBackend {
+    /// Process memory of this gateway (default without `REDIS_URL` or Redis keys).
+    Memory,
+    /// Redis or Redis Cluster, shared by every gateway that points at it.
+    Redis(RedisSettings),
+}
+
 /// CORS policy of a route, applied by the gateway to every response of the route, its own
 /// 429s included, and used to answer preflights.
 #[derive(Clone, Debug)]
@@ -348,6 +405,8 @@ pub struct LimitConfig {
     /// the ceiling of the whole address. `None`: fingerprints do not split this limit.
     pub fingerprint_quantity: Option<u64>,
     pub mode: LimitMode,
+    /// What happens when the Redis store cannot decide. Default `allow`.
+    pub on_store_failure: FailurePolicy,
 }
 
 /// A named upstream and the route prefix that sends traffic to it.
@@ -399,6 +458,10 @@ pub struct GatewayConfig {
     pub threads: usize,
     /// Paths the gateway answers itself with 200 and never counts. Default `["/healthz"]`.
     pub health_paths: Vec<String>,
+    /// Path prefixes the gateway never forwards (answered 404), so that service-to-service
+    /// APIs such as billing's `/internal/` stay unreachable from outside. A prefix ending in
+    /// `/` also covers the path without it. Default `["/internal/"]`.
+    pub blocked_path_prefixes: Vec<String>,
     /// Longest pause allowed between two reads of a request body, in seconds. Default 10.
     pub body_read_timeout_secs: u64,
     /// Longest time to receive a whole request body, in seconds. Default 30.
@@ -409,6 +472,9 @@ pub struct GatewayConfig {
     /// Clients the memory store tracks at most; see [`crate::store::MemoryStore`]. Default
     /// 1,000,000. Applies at start.
     pub max_tracked_clients: usize,
+    /// Where counters live: memory unless `store.backend = "redis"`, `store.redis_url`,
+    /// `store.cluster_nodes` or `REDIS_URL` says Redis. Applies at start.
+    pub store: StoreBackend,
     /// Routes in the order written; the longest matching prefix wins.
     pub routes: Vec<RouteConfig>,
     pub identity: IdentityConfig,
@@ -543,10 +609,12 @@ impl Validator<'_> {
             admin_listen: server.admin_listen,
             threads: server.threads,
             health_paths: server.health_paths,
+            blocked_path_prefixes: server.blocked_path_prefixes,
             body_read_timeout_secs: server.body_read_timeout_secs.max(1),
             body_timeout_secs: server.body_timeout_secs.max(1),
             max_header_bytes: server.max_header_bytes,
             max_tracked_clients: raw.store.max_tracked_clients.max(1),
+            store: self.validate_store(raw.store)?,
             routes,
             identity: self.validate_identity(raw.identity)?,
             auth: self.validate_auth(raw.auth)?,
@@ -722,7 +790,47 @@ impl Validator<'_> {
             algorithm,
             fingerprint_quantity,
             mode: raw.mode,
+            on_store_failure: raw.on_store_failure,
         })
+    }
+
+    /// Chooses the backend. `REDIS_URL` in the environment wins over `store.redis_url`, so a
+    /// password need not be written in the file; `store.cluster_nodes` means a Cluster.
+    fn validate_store(&self, raw: RawStore) -> Result<StoreBackend, String> {
+        let url = (self.env)("REDIS_URL")
+            .filter(|url| !url.trim().is_empty())
+            .or(raw.redis_url);
+        let target = match (url, raw.cluster_nodes.is_empty()) {
+            (_, false) => Some(RedisTarget::Cluster(raw.cluster_nodes)),
+            (Some(url), true) => Some(RedisTarget::Standalone(url)),
+            (None, true) => None,
+        };
+        let target = match (raw.backend, target) {
+            (Some(BackendName::Memory), _) | (None, None) => return Ok(StoreBackend::Memory),
+            (Some(BackendName::Redis) | None, Some(target)) => target,
+            (Some(BackendName::Redis), None) => {
+                return Err("store.backend = \"redis\" needs store.redis_url, \
+                            store.cluster_nodes or REDIS_URL"
+                    .into())
+            }
+        };
+        if *raw.timeout_ms.get_ref() == 0 {
+            return self.fail(raw.timeout_ms.span(), "store.timeout_ms must be at least 1");
+        }
+        if *raw.breaker_failures.get_ref() == 0 {
+            let message = "store.breaker_failures must be at least 1";
+            return self.fail(raw.breaker_failures.span(), message);
+        }
+        if raw.key_prefix.contains(['{', '}']) {
+            return Err("store.key_prefix must not contain { or }: they set the hash tag".into());
+        }
+        Ok(StoreBackend::Redis(RedisSettings {
+            target,
+            key_prefix: raw.key_prefix,
+            timeout: Duration::from_millis(*raw.timeout_ms.get_ref()),
+            breaker_failures: *raw.breaker_failures.get_ref(),
+            breaker_cooldown: Duration::from_millis(*raw.breaker_cooldown_ms.get_ref()),
+        }))
     }
 
     fn check_path(&self, path: &Spanned<String>, key: &str) -> Result<(), String> {

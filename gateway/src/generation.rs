@@ -5,7 +5,6 @@
 //! any generation, which is how they survive a reload.
 
 use std::fmt;
-use std::sync::Arc;
 
 use tollgate_auth::BearerVerifier;
 
@@ -13,7 +12,7 @@ use crate::config::{GatewayConfig, TokenAlgorithm};
 use crate::identity::{Identifier, IdentityKey};
 use crate::limiter::Limiter;
 use crate::routing::Router;
-use crate::store::MemoryStore;
+use crate::store::Stores;
 
 /// Secrets read once from the environment at start; a reload never re-reads them.
 #[derive(Clone)]
@@ -46,7 +45,7 @@ impl Generation {
         number: u64,
         config: GatewayConfig,
         secrets: &Secrets,
-        store: Arc<MemoryStore>,
+        stores: Stores,
     ) -> anyhow::Result<Self> {
         let verifier = verifier(&config, secrets)?;
         let fingerprints_on = config.identity.fingerprint_header.is_some();
@@ -58,7 +57,7 @@ impl Generation {
                 verifier,
                 config.identity.clone(),
             ),
-            limiter: Limiter::new(&config.limits, store, fingerprints_on),
+            limiter: Limiter::new(&config.limits, stores, fingerprints_on),
             config,
         })
     }

@@ -6,13 +6,14 @@
 //! store for an all-or-nothing verdict, and renders it as a [`Decision`]: the rate-limit headers
 //! of every response on a limited route and, for a refusal, the wait before a retry can
 //! succeed. A refusal is a value, not an error. Shadow limits are decided apart, so they can
-//! never refuse a request or consume an enforced limit.
+//! never refuse a request or consume an enforced limit. When the store cannot decide, each
+//! limit's [`FailurePolicy`] says what happens instead, and the decision records it.
 
 use std::sync::Arc;
 
-use crate::config::{Audience, LimitConfig, LimitMode, PathMatch};
+use crate::config::{Audience, FailurePolicy, LimitConfig, LimitMode, PathMatch};
 use crate::identity::Caller;
-use crate::store::{MemoryStore, Verdict, Window};
+use crate::store::{StoreError, Stores, Verdict, Window};
 
 /// Suffix of the per-fingerprint member of a limit split by fingerprint.
 const FINGERPRINT_SUFFIX: &str = "-per-fingerprint";
@@ -20,7 +21,7 @@ const FINGERPRINT_SUFFIX: &str = "-per-fingerprint";
 /// The limits of one configuration generation, ready to decide requests.
 pub struct Limiter {
     limits: Vec<CompiledLimit>,
-    store: Arc<MemoryStore>,
+    stores: Stores,
     fingerprints_on: bool,
 }
 
@@ -55,13 +56,27 @@ pub struct Decision {
     pub limits: Vec<LimitStatus>,
     /// Shadow limits that matched, with whether each would have refused.
     pub shadow: Vec<(Arc<str>, bool)>,
-    /// The store was full and did not record this request (see [`MemoryStore`]).
+    /// The memory store was full and did not record this request (see
+    /// [`crate::store::MemoryStore`]).
     pub untracked: bool,
+    /// The store could not decide, and this policy did instead (the strictest among the
+    /// matching enforced limits). With `deny` the request is not admitted and `limits` is empty;
+    /// with `allow`, `limits` is empty too, so no rate-limit headers are sent; with `local`,
+    /// `limits` holds the local numbers of the `local` limits only.
+    pub store_failure: Option<StoreFailure>,
+}
+
+/// What the store failed with and which policy decided the request instead.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoreFailure {
+    pub policy: FailurePolicy,
+    /// The error's bounded kind (see [`StoreError::kind`]).
+    pub kind: &'static str,
 }
 
 impl Limiter {
     /// `fingerprints_on` says whether a fingerprint header is configured.
-    pub fn new(limits: &[LimitConfig], store: Arc<MemoryStore>, fingerprints_on: bool) -> Self {
+    pub fn new(limits: &[LimitConfig], stores: Stores, fingerprints_on: bool) -> Self {
         let limits = limits
             .iter()
             .map(|limit| {
@@ -88,14 +103,14 @@ impl Limiter {
             .collect();
         Self {
             limits,
-            store,
+            stores,
             fingerprints_on,
         }
     }
 
     /// Decides a request of `cost` units. Returns `None` when no limit, enforced or shadow,
-    /// covers it.
-    pub fn decide(
+    /// covers it; the store is not called then.
+    pub async fn decide(
         &self,
         method: &str,
         path: &str,
@@ -136,38 +151,69 @@ impl Limiter {
             admitted: true,
             ..Decision::default()
         };
+        // Limitation: shadow and enforced limits are two store calls, so a request matching
+        // both costs two Redis round trips; merging them would need a script with two groups.
+        let store = &self.stores.shared;
         if !shadow.is_empty() {
             let windows: Vec<Window> = shadow.iter().map(|(_, window)| window.clone()).collect();
-            let verdict = self.store.decide(caller.key(), &windows, cost, now_ms);
-            decision.shadow = windows
-                .into_iter()
-                .zip(verdict.states)
-                .map(|(window, state)| (window.name, !state.admits))
-                .collect();
+            // A shadow limit only measures: when the store fails there is nothing to measure.
+            if let Ok(verdict) = store.decide(caller.key(), &windows, cost, now_ms).await {
+                decision.shadow = windows
+                    .into_iter()
+                    .zip(verdict.states)
+                    .map(|(window, state)| (window.name, !state.admits))
+                    .collect();
+            }
         }
-        if !enforced.is_empty() {
-            let windows: Vec<Window> = enforced.iter().map(|(_, window)| window.clone()).collect();
-            let Verdict {
-                admitted,
-                states,
-                untracked,
-            } = self.store.decide(caller.key(), &windows, cost, now_ms);
-            decision.admitted = admitted;
-            decision.untracked = untracked;
-            decision.limits = enforced
-                .iter()
-                .zip(states)
-                .map(|((limit, window), state)| LimitStatus {
-                    name: window.name.clone(),
-                    quantity: window.quantity,
-                    window_secs: limit.window_secs,
-                    remaining: state.remaining,
-                    reset_secs: state.reset_ms.div_ceil(1000).max(1),
-                    refused: !state.admits,
-                })
-                .collect();
+        if enforced.is_empty() {
+            return Some(decision);
+        }
+
+        let windows: Vec<Window> = enforced.iter().map(|(_, window)| window.clone()).collect();
+        match store.decide(caller.key(), &windows, cost, now_ms).await {
+            Ok(verdict) => decision.apply(&enforced, verdict),
+            Err(error) => self.degrade(&mut decision, &enforced, &error, caller, cost, now_ms),
         }
         Some(decision)
+    }
+
+    /// Decides a request the store could not decide, by the strictest failure policy among the
+    /// matching enforced limits.
+    fn degrade(
+        &self,
+        decision: &mut Decision,
+        enforced: &[(&LimitConfig, Window)],
+        error: &StoreError,
+        caller: &Caller,
+        cost: u64,
+        now_ms: u64,
+    ) {
+        let policy = enforced
+            .iter()
+            .map(|(limit, _)| limit.on_store_failure)
+            .max()
+            .unwrap_or_default();
+        decision.store_failure = Some(StoreFailure {
+            policy,
+            kind: error.kind(),
+        });
+        match policy {
+            FailurePolicy::Allow => decision.admitted = true,
+            FailurePolicy::Deny => decision.admitted = false,
+            FailurePolicy::Local => {
+                let local: Vec<(&LimitConfig, Window)> = enforced
+                    .iter()
+                    .filter(|(limit, _)| limit.on_store_failure == FailurePolicy::Local)
+                    .map(|(limit, window)| (*limit, window.clone()))
+                    .collect();
+                let windows: Vec<Window> = local.iter().map(|(_, window)| window.clone()).collect();
+                let verdict = self
+                    .stores
+                    .local
+                    .decide(caller.key(), &windows, cost, now_ms);
+                decision.apply(&local, verdict);
+            }
+        }
     }
 }
 
@@ -192,6 +238,29 @@ fn applies(limit: &LimitConfig, method: &str, path: &str, caller: &Caller) -> bo
 }
 
 impl Decision {
+    /// Takes the store's verdict on `enforced`, window by window.
+    fn apply(&mut self, enforced: &[(&LimitConfig, Window)], verdict: Verdict) {
+        let Verdict {
+            admitted,
+            states,
+            untracked,
+        } = verdict;
+        self.admitted = admitted;
+        self.untracked = untracked;
+        self.limits = enforced
+            .iter()
+            .zip(states)
+            .map(|((limit, window), state)| LimitStatus {
+                name: window.name.clone(),
+                quantity: window.quantity,
+                window_secs: limit.window_secs,
+                remaining: state.remaining,
+                reset_secs: state.reset_ms.div_ceil(1000).max(1),
+                refused: !state.admits,
+            })
+            .collect();
+    }
+
     /// The limit that `X-RateLimit-*` describe: on a refusal, the refusing limit with the
     /// longest wait; otherwise the one with the fewest requests left (the longer reset on a
     /// tie). `None` when no enforced limit matched.

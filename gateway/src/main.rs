@@ -9,13 +9,13 @@ use anyhow::Context;
 use arc_swap::ArcSwap;
 use clap::{Parser, Subcommand};
 use gateway::admin::AdminApp;
-use gateway::config::{GatewayConfig, Overrides};
+use gateway::config::{GatewayConfig, Overrides, StoreBackend};
 use gateway::generation::{Generation, Secrets};
 use gateway::identity::IdentityKey;
 use gateway::metrics::Metrics;
 use gateway::proxy::Gateway;
 use gateway::reload::Reloader;
-use gateway::store::MemoryStore;
+use gateway::store::{MemoryStore, RedisStore, Stores};
 use pingora::apps::http_app::HttpServer;
 use pingora::server::configuration::ServerConf;
 use pingora::server::Server;
@@ -91,7 +91,22 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = GatewayConfig::load_with(&args.config, &env, &overrides)?;
     let secrets = secrets();
     let metrics = Arc::new(Metrics::new());
-    let store = Arc::new(MemoryStore::new(config.max_tracked_clients));
+    let local = Arc::new(MemoryStore::new(config.max_tracked_clients));
+    let stores = match &config.store {
+        StoreBackend::Memory => Stores::memory(local.clone()),
+        StoreBackend::Redis(settings) => {
+            let redis = RedisStore::start(settings.clone(), metrics.clone())
+                .context("starting the redis store")?;
+            Stores {
+                shared: Arc::new(redis),
+                local: local.clone(),
+            }
+        }
+    };
+    let backend = match &config.store {
+        StoreBackend::Memory => "memory",
+        StoreBackend::Redis(_) => "redis",
+    };
 
     let (listen, admin_listen, threads) = (
         config.listen.clone(),
@@ -103,7 +118,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .fingerprint_header
         .as_ref()
         .map(|name| name.to_string());
-    let generation = Generation::build(1, config, &secrets, store.clone())?;
+    let generation = Generation::build(1, config, &secrets, stores.clone())?;
     metrics.config_generation.set(1);
     let current = Arc::new(ArcSwap::from_pointee(generation));
 
@@ -111,7 +126,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         args.config.clone(),
         overrides,
         secrets,
-        store.clone(),
+        stores.clone(),
         current.clone(),
         metrics.clone(),
     ));
@@ -119,7 +134,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     reloader
         .spawn_sighup_handler()
         .context("installing the SIGHUP handler")?;
-    spawn_sweeper(store, metrics.clone());
+    spawn_sweeper(local, metrics.clone());
 
     let server_conf = ServerConf {
         threads,
@@ -136,7 +151,13 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let mut proxy = pingora::proxy::http_proxy_service(&server.configuration, gateway);
     proxy.add_tcp(&listen);
-    let mut admin = Service::new("admin".into(), HttpServer::new_app(AdminApp { metrics }));
+    let mut admin = Service::new(
+        "admin".into(),
+        HttpServer::new_app(AdminApp {
+            metrics,
+            store: stores.shared,
+        }),
+    );
     admin.add_tcp(&admin_listen);
     admin.threads = Some(1);
     server.add_service(proxy);
@@ -147,6 +168,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         admin = %admin_listen,
         config = %args.config.display(),
         fingerprint.header = fingerprint.as_deref().unwrap_or("off"),
+        store.backend = backend,
         "gateway starting"
     );
     server.run_forever()

@@ -3,7 +3,10 @@
 //! Labels are bounded by configuration: route names, limit names, outcomes and status codes.
 //! Client keys, addresses and raw paths never become labels.
 
-use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
 
 /// The gateway's metrics and the registry that renders them.
 pub struct Metrics {
@@ -24,6 +27,16 @@ pub struct Metrics {
     pub reloads: IntCounterVec,
     /// Generation of the configuration in force; 1 for the file loaded at start.
     pub config_generation: IntGauge,
+    /// Duration of each Redis decision call, seconds, timeouts included.
+    pub store_latency: Histogram,
+    /// Failed Redis decision calls, by kind (`timeout`, `connection`, `server`, `reply`).
+    pub store_errors: IntCounterVec,
+    /// The Redis circuit breaker: 0 closed, 1 open, 2 half-open (a probe is under way). Stays 0
+    /// with the memory store.
+    pub store_breaker_state: IntGauge,
+    /// Requests decided by a failure policy instead of the store, by policy (`allow`, `deny`,
+    /// `local`).
+    pub store_fallbacks: IntCounterVec,
 }
 
 impl Metrics {
@@ -81,9 +94,46 @@ impl Metrics {
             "Generation of the configuration in force.",
         )
         .expect("metric definition is valid");
+        let store_latency = Histogram::with_opts(
+            HistogramOpts::new(
+                "gateway_store_latency_seconds",
+                "Duration of Redis decision calls, timeouts included.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+            ]),
+        )
+        .expect("metric definition is valid");
+        let store_errors = IntCounterVec::new(
+            Opts::new(
+                "gateway_store_errors_total",
+                "Failed Redis decision calls, by kind.",
+            ),
+            &["kind"],
+        )
+        .expect("metric definition is valid");
+        let store_breaker_state = IntGauge::new(
+            "gateway_store_breaker_state",
+            "Redis circuit breaker: 0 closed, 1 open, 2 half-open.",
+        )
+        .expect("metric definition is valid");
+        let store_fallbacks = IntCounterVec::new(
+            Opts::new(
+                "gateway_store_fallbacks_total",
+                "Requests decided by a failure policy instead of the store, by policy.",
+            ),
+            &["policy"],
+        )
+        .expect("metric definition is valid");
 
         for result in ["ok", "failed"] {
             reloads.with_label_values(&[result]);
+        }
+        for kind in ["timeout", "connection", "server", "reply"] {
+            store_errors.with_label_values(&[kind]);
+        }
+        for policy in ["allow", "deny", "local"] {
+            store_fallbacks.with_label_values(&[policy]);
         }
         for collector in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
@@ -94,6 +144,10 @@ impl Metrics {
             Box::new(forwarding_ignored.clone()),
             Box::new(reloads.clone()),
             Box::new(config_generation.clone()),
+            Box::new(store_latency.clone()),
+            Box::new(store_errors.clone()),
+            Box::new(store_breaker_state.clone()),
+            Box::new(store_fallbacks.clone()),
         ] {
             registry
                 .register(collector)
@@ -109,6 +163,10 @@ impl Metrics {
             forwarding_ignored,
             reloads,
             config_generation,
+            store_latency,
+            store_errors,
+            store_breaker_state,
+            store_fallbacks,
         }
     }
 

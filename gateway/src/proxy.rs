@@ -5,7 +5,8 @@
 //! 1. `new_ctx`: pin the configuration generation in force for the whole request.
 //! 2. `request_filter`: normalise the path; answer health probes; route; check the head size;
 //!    exempt the Stripe webhook; answer CORS preflights; identify the caller; decide the
-//!    limits; answer 401, 413, 431 or 429 directly when the request must not go upstream.
+//!    limits; answer 401, 413, 431, 429 or 503 (store down, `deny` policy) directly when the
+//!    request must not go upstream. Only a request that a limit covers reaches the store.
 //! 3. `request_body_filter`: enforce the body ceiling and the whole-body deadline.
 //! 4. `upstream_peer` / `upstream_request_filter`: pick the routed upstream and send it the
 //!    normalised path and the resolved client address; the body passes through untouched.
@@ -25,7 +26,7 @@ use pingora::prelude::{HttpPeer, ProxyHttp, Session};
 use pingora::proxy::FailToProxy;
 use pingora::{Error, ErrorSource, ErrorType, Result};
 
-use crate::config::{CorsConfig, InvalidTokenPolicy, RouteConfig};
+use crate::config::{CorsConfig, FailurePolicy, InvalidTokenPolicy, RouteConfig};
 use crate::generation::Generation;
 use crate::identity::Caller;
 use crate::limiter::Decision;
@@ -104,6 +105,8 @@ impl ProxyHttp for Gateway {
         let generation = ctx.generation.clone();
         let config = &generation.config;
         session.set_read_timeout(Some(Duration::from_secs(config.body_read_timeout_secs)));
+        // Pipelined requests are answered in order and each is counted on its own.
+        session.set_pipelining_enabled(true);
         let method = session.req_header().method.as_str().to_owned();
         ctx.normalised_path = routing::normalise(session.req_header().uri.path());
         let path = ctx.normalised_path.clone();
@@ -111,6 +114,14 @@ impl ProxyHttp for Gateway {
         if config.health_paths.contains(&path) {
             ctx.label = "health";
             respond(session, 200, "text/plain", &[], b"ok\n").await?;
+            return Ok(true);
+        }
+        let blocked = config.blocked_path_prefixes.iter().any(|prefix| {
+            path.starts_with(prefix.as_str()) || path == prefix.trim_end_matches('/')
+        });
+        if blocked {
+            ctx.label = "blocked";
+            respond_problem(session, ctx, 404, "Not Found", "no route serves this path").await?;
             return Ok(true);
         }
         let Some(route) = generation.router.route(&path) else {
@@ -185,11 +196,25 @@ impl ProxyHttp for Gateway {
 
         let decision = generation
             .limiter
-            .decide(&method, &path, route.cost, &caller, now_ms());
+            .decide(&method, &path, route.cost, &caller, now_ms())
+            .await;
         let Some(decision) = decision else {
             return Ok(false);
         };
         self.count_decision(&decision);
+        if let Some(failure) = decision.store_failure {
+            tracing::debug!(
+                route = %route.name,
+                store.error = failure.kind,
+                store.policy = ?failure.policy,
+                "store failure policy applied"
+            );
+            if failure.policy == FailurePolicy::Deny {
+                let detail = "usage limits cannot be checked right now; retry shortly";
+                respond_problem(session, ctx, 503, "Service Unavailable", detail).await?;
+                return Ok(true);
+            }
+        }
         if decision.admitted {
             ctx.decision = Some(decision);
             return Ok(false);
@@ -373,6 +398,17 @@ impl Gateway {
         if decision.untracked {
             self.metrics.untracked_decisions.inc();
         }
+        if let Some(failure) = decision.store_failure {
+            let policy = match failure.policy {
+                FailurePolicy::Allow => "allow",
+                FailurePolicy::Deny => "deny",
+                FailurePolicy::Local => "local",
+            };
+            self.metrics
+                .store_fallbacks
+                .with_label_values(&[policy])
+                .inc();
+        }
     }
 
     /// Answers 401 with a bearer challenge; used when invalid tokens are configured to reject.
@@ -387,6 +423,7 @@ impl Gateway {
             "Unauthorized",
             "the bearer token is invalid or expired",
         );
+        drain_small_body(session).await;
         respond(session, 401, "application/problem+json", &headers, &body).await?;
         Ok(true)
     }
@@ -422,8 +459,32 @@ impl Gateway {
         };
         let mut headers = decision.headers();
         headers.extend(cors_headers(ctx.cors(), ctx.cors_origin.as_deref()));
+        drain_small_body(session).await;
         respond(session, 429, "application/problem+json", &headers, &body).await
     }
+}
+
+/// Largest request body read and discarded so that a refused request's connection stays
+/// open for the client's next request; a larger or unreadable one closes the connection.
+const DRAIN_LIMIT_BYTES: usize = 64 * 1024;
+
+/// Consumes the body of a request the gateway answers itself, when it is small, so that a
+/// keep-alive or pipelining client can go on with its next request on the same connection.
+async fn drain_small_body(session: &mut Session) {
+    let mut drained = 0;
+    loop {
+        match session.read_request_body().await {
+            Ok(Some(chunk)) => {
+                drained += chunk.len();
+                if drained > DRAIN_LIMIT_BYTES {
+                    break;
+                }
+            }
+            Ok(None) => return,
+            Err(_) => break,
+        }
+    }
+    session.set_keepalive(None);
 }
 
 /// Answers 413 before reading a body whose declared length is over the route's ceiling.

@@ -17,7 +17,7 @@ use arc_swap::ArcSwap;
 use crate::config::{GatewayConfig, Overrides};
 use crate::generation::{Generation, Secrets};
 use crate::metrics::Metrics;
-use crate::store::MemoryStore;
+use crate::store::Stores;
 
 /// How often the file's metadata is checked.
 const POLL_INTERVAL: Duration = Duration::from_millis(250);
@@ -39,7 +39,7 @@ pub struct Reloader {
     path: PathBuf,
     overrides: Overrides,
     secrets: Secrets,
-    store: Arc<MemoryStore>,
+    stores: Stores,
     current: Arc<ArcSwap<Generation>>,
     metrics: Arc<Metrics>,
     /// Serialises reloads from the watcher and from SIGHUP.
@@ -51,7 +51,7 @@ impl Reloader {
         path: PathBuf,
         overrides: Overrides,
         secrets: Secrets,
-        store: Arc<MemoryStore>,
+        stores: Stores,
         current: Arc<ArcSwap<Generation>>,
         metrics: Arc<Metrics>,
     ) -> Self {
@@ -59,7 +59,7 @@ impl Reloader {
             path,
             overrides,
             secrets,
-            store,
+            stores,
             current,
             metrics,
             lock: Mutex::new(()),
@@ -79,7 +79,7 @@ impl Reloader {
             .map_err(anyhow::Error::from)
             .and_then(|config| {
                 let number = previous.number + 1;
-                Generation::build(number, config, &self.secrets, self.store.clone())
+                Generation::build(number, config, &self.secrets, self.stores.clone())
             });
         match outcome {
             Ok(generation) => {
@@ -167,11 +167,11 @@ fn warn_about_restart_only_keys(old: &GatewayConfig, new: &GatewayConfig) {
     let changed = old.listen != new.listen
         || old.admin_listen != new.admin_listen
         || old.threads != new.threads
-        || old.max_tracked_clients != new.max_tracked_clients;
+        || old.max_tracked_clients != new.max_tracked_clients
+        || old.store != new.store;
     if changed {
         tracing::warn!(
-            "server.listen, server.admin_listen, server.threads and \
-             store.max_tracked_clients apply at restart"
+            "server.listen, server.admin_listen, server.threads and [store] apply at restart"
         );
     }
 }

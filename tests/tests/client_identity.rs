@@ -57,7 +57,10 @@ async fn untrusted_peers_cannot_choose_their_address() {
 
 #[tokio::test]
 async fn trusted_proxy_chains_name_the_client() {
-    let config = shipped_config_with("[identity]\ntrusted_proxies = [\"127.0.41.0/24\"]");
+    let config = shipped_with(&[(
+        "trusted_proxies = []",
+        "trusted_proxies = [\"127.0.41.0/24\"]",
+    )]);
     let stack = Stack::start(StackOptions {
         gateway_config: Some(config),
         ..Default::default()
@@ -118,9 +121,13 @@ async fn trusted_proxy_chains_name_the_client() {
 
 #[tokio::test]
 async fn rfc_7239_forwarded_is_honoured_from_trusted_proxies() {
-    let config = shipped_config_with(
-        "[identity]\ntrusted_proxies = [\"127.0.42.1\"]\nforwarded_header = \"forwarded\"",
-    );
+    let config = shipped_with(&[
+        ("trusted_proxies = []", "trusted_proxies = [\"127.0.42.1\"]"),
+        (
+            "forwarded_header = \"x-forwarded-for\"",
+            "forwarded_header = \"forwarded\"",
+        ),
+    ]);
     let stack = Stack::start(StackOptions {
         gateway_config: Some(config),
         ..Default::default()
@@ -183,10 +190,26 @@ async fn ipv6_clients_in_one_64_share_a_budget() {
     assert_eq!(statuses(&from(addresses[2]), &url, 1).await, [200]);
 }
 
+/// The shipped configuration with each `(from, to)` replacement made exactly once.
+fn shipped_with(replacements: &[(&str, &str)]) -> String {
+    let mut text =
+        std::fs::read_to_string(common::repo_root().join("config/gateway.toml")).unwrap();
+    for (from, to) in replacements {
+        assert!(text.contains(from), "the shipped file has {from:?}");
+        text = text.replacen(from, to, 1);
+    }
+    text
+}
+
 fn fingerprint_config(header: &str) -> String {
     let shipped = std::fs::read_to_string(common::repo_root().join("config/gateway.toml")).unwrap();
     let limited = shipped.replace("quantity = 3\n", "quantity = 5\nfingerprint_quantity = 3\n");
-    format!("{limited}\n[identity]\nfingerprint_header = \"{header}\"\n")
+    let line = "# fingerprint_header = \"X-Fingerprint\"";
+    assert!(
+        limited.contains(line),
+        "the shipped file shows the fingerprint key commented out"
+    );
+    limited.replace(line, &format!("fingerprint_header = \"{header}\""))
 }
 
 #[tokio::test]

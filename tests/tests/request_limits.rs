@@ -451,3 +451,24 @@ async fn slow_bodies_are_cut_off() {
     );
     assert!(elapsed < Duration::from_secs(8), "{elapsed:?}");
 }
+
+#[tokio::test]
+async fn internal_apis_are_never_routed() {
+    let stack = Stack::start(StackOptions::default()).await;
+    let client = client_from([127, 0, 59, 1]);
+    for path in [
+        "/internal/v1/tokens/debit",
+        "/internal",
+        "/api/../internal/v1/tokens/debit",
+    ] {
+        let response = client
+            .post(stack.url(path))
+            .header("authorization", "Bearer anything")
+            .body(r#"{"user_id":"42","amount":1,"idempotency_key":"k"}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 404, "{path}");
+    }
+    assert!(stack.upstream.requests().is_empty());
+}

@@ -4,8 +4,10 @@ use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::{Mutex, MutexGuard};
 
+use async_trait::async_trait;
+
 use super::counters::{ClientCounters, Outcome};
-use super::{Verdict, Window};
+use super::{CounterStore, StoreError, Verdict, Window};
 use crate::identity::ClientKey;
 
 /// Number of independently locked shards (fewer when the store holds fewer clients).
@@ -138,6 +140,24 @@ impl MemoryStore {
     /// updated in a way that matters more than losing the request, so poisoning is ignored.
     fn lock<'a>(&self, shard: &'a Mutex<Shard>) -> MutexGuard<'a, Shard> {
         shard.lock().unwrap_or_else(|poison| poison.into_inner())
+    }
+}
+
+#[async_trait]
+impl CounterStore for MemoryStore {
+    async fn decide(
+        &self,
+        client: ClientKey,
+        windows: &[Window],
+        cost: u64,
+        now_ms: u64,
+    ) -> Result<Verdict, StoreError> {
+        Ok(MemoryStore::decide(self, client, windows, cost, now_ms))
+    }
+
+    /// Process memory is always there.
+    fn is_ready(&self) -> bool {
+        true
     }
 }
 

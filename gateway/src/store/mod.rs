@@ -1,27 +1,119 @@
 //! Counter storage: where each client's counts live, and the all-or-nothing decision.
 //!
-//! A request names a client, the windows it falls under and its cost; the store checks every
-//! window and records the request in all of them or in none, under one lock. How a window
-//! counts is its [`Algorithm`]. Time is always passed in as Unix milliseconds, so tests drive it
-//! with a fake clock; nothing here reads the system clock. Rendering headers is the limiter's.
+//! A request names a client, the windows it falls under and its cost; a [`CounterStore`] checks
+//! every window and records the request in all of them or in none, atomically. How a window
+//! counts is its [`Algorithm`]. The memory store takes time as Unix milliseconds from its caller,
+//! so tests drive it with a fake clock; the Redis store reads Redis's clock instead, so that
+//! every gateway sharing it agrees. Rendering headers and failure policies are the limiter's.
 //!
 //! Layout: `memory` is the sharded, bounded [`MemoryStore`]; `counters` holds one client's
-//! counters and the all-or-nothing rule; `sliding`, `fixed` and `gcra` are the counting rules.
+//! counters and the all-or-nothing rule; `sliding`, `fixed` and `gcra` are the counting rules;
+//! `redis` is the shared [`RedisStore`], which runs the same rules in one script per decision.
 
 mod counters;
 mod fixed;
 mod gcra;
 mod memory;
+mod redis;
 mod sliding;
 
 #[cfg(test)]
 mod properties;
 #[cfg(test)]
+mod redis_tests;
+#[cfg(test)]
 mod tests;
 
 use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::identity::ClientKey;
 
 pub use memory::MemoryStore;
+pub use redis::{RedisSettings, RedisStore, RedisTarget};
+
+/// Where a request's counts are decided.
+///
+/// Two implementations: [`MemoryStore`] for one gateway, [`RedisStore`] for many sharing a
+/// Redis or Redis Cluster. The limiter calls [`CounterStore::decide`] once per request (and
+/// once more when shadow limits also match).
+#[async_trait]
+pub trait CounterStore: Send + Sync {
+    /// Decides one request of `client` costing `cost` units (0 counts as 1) in every one of
+    /// `windows`: admitted only if every window admits it, and then recorded in all of them; a
+    /// refused request records nothing. `now_ms` is the caller's clock (Unix ms); a store with a
+    /// clock of its own ignores it. An error means nothing is known about the counts, and the
+    /// limiter applies each limit's failure policy.
+    async fn decide(
+        &self,
+        client: ClientKey,
+        windows: &[Window],
+        cost: u64,
+        now_ms: u64,
+    ) -> Result<Verdict, StoreError>;
+
+    /// Whether the store can take decisions now; `/readyz` answers 503 when it cannot.
+    fn is_ready(&self) -> bool;
+}
+
+/// The stores a gateway decides with: the configured one, and process memory for the limits
+/// whose failure policy is `local`. With the memory backend both are the same store.
+#[derive(Clone)]
+pub struct Stores {
+    pub shared: Arc<dyn CounterStore>,
+    pub local: Arc<MemoryStore>,
+}
+
+impl Stores {
+    /// Both roles played by one memory store.
+    pub fn memory(store: Arc<MemoryStore>) -> Self {
+        Self {
+            shared: store.clone(),
+            local: store,
+        }
+    }
+}
+
+/// Why a store could not decide. The limiter never shows these to clients.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The circuit breaker is open (or the first connection is not up yet): the store was not
+    /// called at all.
+    #[error("store circuit is open")]
+    CircuitOpen,
+    /// No answer within the configured timeout.
+    #[error("store did not answer within {0:?}")]
+    Timeout(Duration),
+    /// Redis answered with an error, or the connection failed.
+    #[error("redis call failed")]
+    Redis(#[from] ::redis::RedisError),
+    /// The decision script answered something other than its documented reply.
+    #[error("decision script reply has an unexpected shape")]
+    Reply,
+}
+
+impl StoreError {
+    /// A short, bounded name for metrics: `circuit_open`, `timeout`, `connection`, `server` or
+    /// `reply`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::CircuitOpen => "circuit_open",
+            Self::Timeout(_) => "timeout",
+            Self::Redis(error)
+                if error.is_io_error()
+                    || error.is_connection_dropped()
+                    || error.is_connection_refusal()
+                    || error.is_timeout() =>
+            {
+                "connection"
+            }
+            Self::Redis(_) => "server",
+            Self::Reply => "reply",
+        }
+    }
+}
 
 /// The largest quantity for which a sliding window keeps an exact log; above it the window
 /// switches to the weighted two-window estimate.
@@ -86,7 +178,7 @@ pub struct Verdict {
     /// The store was full, so this admitted request of a new client was decided as if its
     /// counters were fresh and not recorded (see [`MemoryStore`]).
     pub untracked: bool,
-    /// One state per window passed to [`MemoryStore::decide`], in the same order.
+    /// One state per window passed to [`CounterStore::decide`], in the same order.
     pub states: Vec<WindowState>,
 }
 

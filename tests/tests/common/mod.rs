@@ -150,6 +150,8 @@ pub struct StackOptions {
     pub stripe_api_base: Option<String>,
     /// Proxy listener; defaults to a free port on 127.0.0.1.
     pub gateway_listen: Option<SocketAddr>,
+    /// Send the gateway's log (its standard output) to a file read by [`Stack::gateway_log`].
+    pub capture_gateway_log: bool,
 }
 
 /// The shipped gateway configuration with `extra` TOML appended.
@@ -209,7 +211,11 @@ impl Stack {
             .env("STRIPE_SECRET_KEY", "sk_test_e2e")
             .env("STRIPE_PUBLISHABLE_KEY", "pk_test_e2e")
             .env("STRIPE_WEBHOOK_SECRET", WEBHOOK_SECRET);
+        let log_path = dir.path().join("gateway.log");
         let mut gateway_cmd = Command::new(binary("gateway"));
+        if options.capture_gateway_log {
+            gateway_cmd.stdout(std::fs::File::create(&log_path).unwrap());
+        }
         gateway_cmd
             .current_dir(repo_root())
             .arg("--config")
@@ -272,6 +278,25 @@ impl Stack {
 
     pub fn admin_url(&self, path: &str) -> String {
         format!("http://{}{path}", self.gateway_admin)
+    }
+
+    /// What the gateway logged, when the stack was started with `capture_gateway_log`.
+    pub fn gateway_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("gateway.log")).unwrap_or_default()
+    }
+
+    /// Waits until the gateway's `/readyz` answers 200 (a Redis store is connected).
+    pub async fn wait_ready(&self, patience: Duration) {
+        let deadline = Instant::now() + patience;
+        while Instant::now() < deadline {
+            if let Ok(response) = reqwest::get(self.admin_url("/readyz")).await {
+                if response.status().is_success() {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("gateway at {} did not become ready", self.gateway);
     }
 
     /// The gateway's process id, for signals.
@@ -361,4 +386,130 @@ pub fn ignored_event(event_id: &str) -> Vec<u8> {
         "data": {"object": {"id": "txi_e2e", "object": "tax_id"}},
     }))
     .unwrap()
+}
+
+/// A `redis-server` owned by one test, on a free loopback port, with nothing on disk; killed
+/// on drop. Tests stop and resume it without disturbing the shared Redis on 6379.
+pub struct RedisServer {
+    pub port: u16,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    /// A standalone server.
+    pub fn start() -> Self {
+        Self::spawn(&[])
+    }
+
+    /// A server ready to join a Cluster (see [`redis_cluster`]).
+    pub fn start_cluster_node() -> Self {
+        Self::spawn(&[
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+        ])
+    }
+
+    fn spawn(extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .current_dir(dir.path())
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed");
+        let server = Self {
+            port,
+            child,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while server.cli(&["PING"]).trim() != "PONG" {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server on {port} did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Runs `redis-cli` against this server and returns its output.
+    pub fn cli(&self, args: &[&str]) -> String {
+        redis_cli(self.port, args)
+    }
+
+    /// Freezes the server (SIGSTOP): connections stay open and nothing answers.
+    pub fn freeze(&self) {
+        signal(self.child.id(), "-STOP");
+    }
+
+    /// Thaws a frozen server (SIGCONT).
+    pub fn thaw(&self) {
+        signal(self.child.id(), "-CONT");
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        signal(self.child.id(), "-CONT");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `redis-cli -p port args...` on loopback and returns its output.
+pub fn redis_cli(port: u16, args: &[&str]) -> String {
+    let output = Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("redis-cli is installed");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn signal(pid: u32, which: &str) {
+    let _ = Command::new("kill")
+        .args([which, &pid.to_string()])
+        .status();
+}
+
+/// Three fresh nodes joined into a Cluster with no replicas, all slots covered.
+pub fn redis_cluster() -> Vec<RedisServer> {
+    let nodes: Vec<RedisServer> = (0..3).map(|_| RedisServer::start_cluster_node()).collect();
+    let addresses: Vec<String> = nodes
+        .iter()
+        .map(|node| format!("127.0.0.1:{}", node.port))
+        .collect();
+    let mut create = Command::new("redis-cli");
+    create
+        .arg("--cluster")
+        .arg("create")
+        .args(&addresses)
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    assert!(
+        create.status().unwrap().success(),
+        "redis-cli --cluster create"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for node in &nodes {
+        while !node.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok") {
+            assert!(Instant::now() < deadline, "the cluster did not settle");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    nodes
 }
