@@ -103,6 +103,14 @@ quantity = 1000000000
 window_secs = 60
 """
 
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379")
+REDIS_STORE = f"""
+[store]
+backend = "redis"
+redis_url = "{REDIS_URL}"
+key_prefix = "tollgate-bench:"
+"""
+
 DENY_ALL_LIMIT = """
 [[limits]]
 name = "nothing"
@@ -164,6 +172,7 @@ def gateway(name, store="", limits=""):
         )
     )
     env = dict(os.environ, RUST_LOG="warn", IDENTITY_HASH_KEY="bench")
+    env.pop("REDIS_URL", None)  # the configuration says which store each setup uses
     log = open(directory / "stdout.log", "w")
     return start([str(GATEWAY), "--config", str(conf)], PROXY_CPU, log, env)
 
@@ -211,10 +220,8 @@ def setups():
     yield "(d) gateway, no limits", lambda: gateway("gateway-plain"), GATEWAY_PORT
     yield "(e) gateway, memory limit", lambda: gateway(
         "gateway-memory", limits=ALLOW_ALL_LIMIT), GATEWAY_PORT
-    if os.environ.get("BENCH_REDIS_STORE"):
-        yield "(f) gateway, redis limit", lambda: gateway(
-            "gateway-redis", store=os.environ["BENCH_REDIS_STORE"],
-            limits=ALLOW_ALL_LIMIT), GATEWAY_PORT
+    yield "(f) gateway, redis limit", lambda: gateway(
+        "gateway-redis", store=REDIS_STORE, limits=ALLOW_ALL_LIMIT), GATEWAY_PORT
     yield "(g) gateway, 429 to everything", lambda: gateway(
         "gateway-deny", limits=DENY_ALL_LIMIT), GATEWAY_PORT
 
