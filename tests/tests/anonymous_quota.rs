@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{client_from, token_for, Stack, StackOptions};
+use common::{client_from, header_values, token_for, Stack, StackOptions};
 use reqwest::{Client, Response, StatusCode};
 
 const POLICY: &str = "\"anonymous-generate\";q=3;w=86400";
@@ -16,15 +16,6 @@ async fn generate(client: &Client, stack: &Stack) -> Response {
         .unwrap()
 }
 
-fn header<'a>(response: &'a Response, name: &str) -> Vec<&'a str> {
-    response
-        .headers()
-        .get_all(name)
-        .iter()
-        .map(|value| value.to_str().unwrap())
-        .collect()
-}
-
 #[tokio::test]
 async fn fourth_anonymous_generation_is_refused_with_exact_headers() {
     let stack = Stack::start(StackOptions::default()).await;
@@ -33,30 +24,30 @@ async fn fourth_anonymous_generation_is_refused_with_exact_headers() {
     for remaining in [2, 1, 0] {
         let response = generate(&client, &stack).await;
         assert_eq!(response.status(), StatusCode::OK);
-        assert_eq!(header(&response, "x-ratelimit-limit"), ["3"]);
+        assert_eq!(header_values(&response, "x-ratelimit-limit"), ["3"]);
         assert_eq!(
-            header(&response, "x-ratelimit-remaining"),
+            header_values(&response, "x-ratelimit-remaining"),
             [remaining.to_string()]
         );
-        assert_eq!(header(&response, "x-ratelimit-reset"), ["86400"]);
-        assert_eq!(header(&response, "ratelimit-policy"), [POLICY]);
+        assert_eq!(header_values(&response, "x-ratelimit-reset"), ["86400"]);
+        assert_eq!(header_values(&response, "ratelimit-policy"), [POLICY]);
         let current = format!("\"anonymous-generate\";r={remaining};t=86400");
-        assert_eq!(header(&response, "ratelimit"), [current]);
-        assert!(header(&response, "retry-after").is_empty());
+        assert_eq!(header_values(&response, "ratelimit"), [current]);
+        assert!(header_values(&response, "retry-after").is_empty());
     }
 
     for _ in 0..2 {
         let refused = generate(&client, &stack).await;
         assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
-        assert_eq!(header(&refused, "retry-after"), ["86400"]);
-        assert_eq!(header(&refused, "x-ratelimit-remaining"), ["0"]);
-        assert_eq!(header(&refused, "x-ratelimit-reset"), ["86400"]);
+        assert_eq!(header_values(&refused, "retry-after"), ["86400"]);
+        assert_eq!(header_values(&refused, "x-ratelimit-remaining"), ["0"]);
+        assert_eq!(header_values(&refused, "x-ratelimit-reset"), ["86400"]);
         assert_eq!(
-            header(&refused, "ratelimit"),
+            header_values(&refused, "ratelimit"),
             ["\"anonymous-generate\";r=0;t=86400"]
         );
         assert_eq!(
-            header(&refused, "content-type"),
+            header_values(&refused, "content-type"),
             ["application/problem+json"]
         );
         let body: serde_json::Value = refused.json().await.unwrap();
@@ -82,7 +73,7 @@ async fn clients_have_separate_budgets_and_probes_count_nothing() {
     for _ in 0..5 {
         let probe = first.get(stack.url("/healthz")).send().await.unwrap();
         assert_eq!(probe.status(), StatusCode::OK);
-        assert!(header(&probe, "x-ratelimit-remaining").is_empty());
+        assert!(header_values(&probe, "x-ratelimit-remaining").is_empty());
         let admin = first.get(stack.admin_url("/healthz")).send().await.unwrap();
         assert_eq!(admin.status(), StatusCode::OK);
     }
@@ -93,15 +84,15 @@ async fn clients_have_separate_budgets_and_probes_count_nothing() {
 
     let other = generate(&second, &stack).await;
     assert_eq!(other.status(), StatusCode::OK);
-    assert_eq!(header(&other, "x-ratelimit-remaining"), ["2"]);
+    assert_eq!(header_values(&other, "x-ratelimit-remaining"), ["2"]);
 }
 
 #[tokio::test]
 async fn upstream_rate_limit_headers_are_replaced_not_repeated() {
     let stack = Stack::start(StackOptions::default()).await;
     let response = generate(&client_from([127, 0, 3, 1]), &stack).await;
-    assert_eq!(header(&response, "x-ratelimit-limit"), ["3"]);
-    assert_eq!(header(&response, "ratelimit-policy"), [POLICY]);
+    assert_eq!(header_values(&response, "x-ratelimit-limit"), ["3"]);
+    assert_eq!(header_values(&response, "ratelimit-policy"), [POLICY]);
 
     // Unlimited routes keep whatever the app says.
     let other = client_from([127, 0, 3, 1])
@@ -109,7 +100,7 @@ async fn upstream_rate_limit_headers_are_replaced_not_repeated() {
         .send()
         .await
         .unwrap();
-    assert_eq!(header(&other, "x-ratelimit-limit"), ["999"]);
+    assert_eq!(header_values(&other, "x-ratelimit-limit"), ["999"]);
 }
 
 #[tokio::test]
@@ -127,8 +118,8 @@ async fn valid_bearer_tokens_are_not_limited() {
             .unwrap();
         assert_eq!(response.status(), StatusCode::OK);
         // No limit covers the user, so the gateway adds nothing; the app's own header passes.
-        assert_eq!(header(&response, "x-ratelimit-limit"), ["999"]);
-        assert!(header(&response, "ratelimit").is_empty());
+        assert_eq!(header_values(&response, "x-ratelimit-limit"), ["999"]);
+        assert!(header_values(&response, "ratelimit").is_empty());
     }
     let seen = stack.upstream.requests();
     let forwarded = seen[0]
@@ -141,7 +132,7 @@ async fn valid_bearer_tokens_are_not_limited() {
 
     // Authenticated traffic left the address's anonymous budget whole.
     let anonymous = generate(&client, &stack).await;
-    assert_eq!(header(&anonymous, "x-ratelimit-remaining"), ["2"]);
+    assert_eq!(header_values(&anonymous, "x-ratelimit-remaining"), ["2"]);
 }
 
 #[tokio::test]
@@ -222,8 +213,8 @@ async fn anonymous_daily_limit_comes_from_the_environment() {
     };
     let stack = Stack::start(options).await;
     let response = generate(&client_from([127, 0, 7, 1]), &stack).await;
-    assert_eq!(header(&response, "x-ratelimit-limit"), ["5"]);
-    assert_eq!(header(&response, "x-ratelimit-remaining"), ["4"]);
+    assert_eq!(header_values(&response, "x-ratelimit-limit"), ["5"]);
+    assert_eq!(header_values(&response, "x-ratelimit-remaining"), ["4"]);
 }
 
 #[tokio::test]

@@ -7,9 +7,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use common::{
-    client_from, ignored_event, stripe_signature, unix_now, Stack, StackOptions, WEBHOOK_SECRET,
-};
+use common::{client_from, ignored_event, post_signed, Stack, StackOptions};
 
 /// Opens a blocking connection from `source` (any 127.x.y.z address) to `to`.
 fn connect_from(source: [u8; 4], to: SocketAddr) -> TcpStream {
@@ -102,15 +100,14 @@ async fn slow_senders_do_not_starve_stripe() {
         .collect();
 
     let event = ignored_event("evt_during_slowloris");
-    let signature = stripe_signature(&event, unix_now(), WEBHOOK_SECRET);
     let started = Instant::now();
-    let response = client_from([127, 0, 81, 7])
-        .post(stack.url("/api/v1/stripe/webhook"))
-        .header("stripe-signature", signature)
-        .body(event)
-        .send()
-        .await
-        .unwrap();
+    let response = post_signed(
+        &client_from([127, 0, 81, 7]),
+        &stack,
+        "/api/v1/stripe/webhook",
+        event,
+    )
+    .await;
     assert!(response.status().is_success(), "{}", response.status());
     assert!(
         started.elapsed() < Duration::from_secs(1),
@@ -133,13 +130,12 @@ async fn a_webhook_of_exactly_one_mebibyte_is_forwarded() {
     let at = find(&event, b"\"padding\":\"").unwrap() + "\"padding\":\"".len();
     event.splice(at..at, std::iter::repeat_n(b'p', missing));
     assert_eq!(event.len(), 1_048_576);
-    let signature = stripe_signature(&event, unix_now(), WEBHOOK_SECRET);
-    let response = client_from([127, 0, 82, 1])
-        .post(stack.url("/api/v1/stripe/webhook"))
-        .header("stripe-signature", signature)
-        .body(event)
-        .send()
-        .await
-        .unwrap();
+    let response = post_signed(
+        &client_from([127, 0, 82, 1]),
+        &stack,
+        "/api/v1/stripe/webhook",
+        event,
+    )
+    .await;
     assert_eq!(response.status(), 200);
 }

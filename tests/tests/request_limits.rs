@@ -8,8 +8,8 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use common::{
-    client_from, header_values, ignored_event, repo_root, shipped_config_with, statuses,
-    stripe_signature, unix_now, Stack, StackOptions, WEBHOOK_SECRET,
+    client_from, header_values, ignored_event, post_signed, repo_root, shipped_config_with,
+    statuses, unix_now, Stack, StackOptions,
 };
 
 fn shipped() -> String {
@@ -295,14 +295,7 @@ window_secs = 86400
     let stripe = client_from([127, 0, 57, 7]);
     for n in 0..50 {
         let event = ignored_event(&format!("evt_catch_all_{n}"));
-        let signature = stripe_signature(&event, unix_now(), WEBHOOK_SECRET);
-        let response = stripe
-            .post(stack.url("/api/v1/stripe/webhook"))
-            .header("stripe-signature", signature)
-            .body(event)
-            .send()
-            .await
-            .unwrap();
+        let response = post_signed(&stripe, &stack, "/api/v1/stripe/webhook", event).await;
         assert_eq!(response.status(), 200);
         assert!(header_values(&response, "ratelimit").is_empty());
     }
@@ -350,14 +343,7 @@ window_secs = 86400
 
     // A query string does not change the route: the webhook still reaches billing.
     let event = ignored_event("evt_catch_all_query");
-    let signature = stripe_signature(&event, unix_now(), WEBHOOK_SECRET);
-    let query = stripe
-        .post(stack.url("/api/v1/stripe/webhook?x=1"))
-        .header("stripe-signature", signature)
-        .body(event)
-        .send()
-        .await
-        .unwrap();
+    let query = post_signed(&stripe, &stack, "/api/v1/stripe/webhook?x=1", event).await;
     assert_eq!(query.status(), 200);
     assert_eq!(stack.upstream.count("/api/v1/stripe/webhook"), 0);
 }

@@ -3,8 +3,8 @@
 mod common;
 
 use common::{
-    client_from, ignored_event, paid_checkout_event, stripe_signature, token_for, unix_now, Stack,
-    StackOptions, WEBHOOK_SECRET,
+    client_from, ignored_event, paid_checkout_event, post_signed, stripe_signature, token_for,
+    unix_now, Stack, StackOptions, WEBHOOK_SECRET,
 };
 use reqwest::{Client, StatusCode};
 
@@ -91,14 +91,7 @@ async fn fifty_deliveries_from_one_address_all_reach_billing() {
     let stripe = client_from([127, 0, 23, 1]);
     for n in 0..50 {
         let event = ignored_event(&format!("evt_e2e_burst_{n}"));
-        let signature = stripe_signature(&event, unix_now(), WEBHOOK_SECRET);
-        let response = stripe
-            .post(stack.url("/api/v1/stripe/webhook"))
-            .header("stripe-signature", signature)
-            .body(event)
-            .send()
-            .await
-            .unwrap();
+        let response = post_signed(&stripe, &stack, "/api/v1/stripe/webhook", event).await;
         assert!(
             response.status().is_success(),
             "delivery {n}: {}",
@@ -152,14 +145,7 @@ async fn only_the_exact_webhook_route_is_exempt() {
     let client = client_from([127, 0, 25, 1]);
     // Escapes that decode to the webhook path are the same route; everything else is not.
     let event = ignored_event("evt_e2e_escaped");
-    let signature = stripe_signature(&event, unix_now(), WEBHOOK_SECRET);
-    let escaped = client
-        .post(stack.url("/api/v1/stripe/%77ebhook"))
-        .header("stripe-signature", signature)
-        .body(event)
-        .send()
-        .await
-        .unwrap();
+    let escaped = post_signed(&client, &stack, "/api/v1/stripe/%77ebhook", event).await;
     assert_eq!(escaped.status(), StatusCode::OK);
 
     for _ in 0..3 {

@@ -363,6 +363,24 @@ pub fn stripe_signature(body: &[u8], t: u64, secret: &str) -> String {
     format!("t={t},v1={}", hex::encode(mac.finalize().into_bytes()))
 }
 
+/// Posts `event` to `path` through the gateway, signed now with the stack's webhook secret as
+/// Stripe would sign it.
+pub async fn post_signed(
+    client: &reqwest::Client,
+    stack: &Stack,
+    path: &str,
+    event: Vec<u8>,
+) -> reqwest::Response {
+    let signature = stripe_signature(&event, unix_now(), WEBHOOK_SECRET);
+    client
+        .post(stack.url(path))
+        .header("stripe-signature", signature)
+        .body(event)
+        .send()
+        .await
+        .unwrap()
+}
+
 /// The paid `checkout.session.completed` fixture, for the `starter` package of user 42, with
 /// its event and session ids replaced.
 pub fn paid_checkout_event(event_id: &str, session_id: &str) -> Vec<u8> {
