@@ -24,6 +24,18 @@ const MAX_URL_LEN: usize = 2_048;
 /// the `user_` prefix.
 const MAX_USER_ID_LEN: usize = 195;
 
+/// Stripe accepts an `expires_at` from 30 min to 24 h after the request reaches it, in
+/// seconds; see `expires_at` at https://docs.stripe.com/api/checkout/sessions/create.
+const STRIPE_EXPIRY_MIN_SECS: i64 = 30 * 60;
+const STRIPE_EXPIRY_MAX_SECS: i64 = 24 * 3600;
+
+/// How far inside Stripe's window the `expires_at` we send stays, in seconds. Stripe judges
+/// it on its own clock when a request arrives, while we compute it once, before the first
+/// attempt, because every retry must resend the same body under the same idempotency key.
+/// The margin absorbs clock differences at the upper end and time spent retrying (at most
+/// about 65 s with the shipped timeouts) at the lower end.
+const EXPIRY_MARGIN_SECS: i64 = 5 * 60;
+
 /// Why no session was opened.
 #[derive(Debug, thiserror::Error)]
 pub enum CheckoutError {
@@ -133,7 +145,7 @@ async fn open_session(
     };
     db::insert_purchase(&state.pool, &purchase).await?;
 
-    let expires_at = crate::unix_now() + state.checkout_expiry_secs();
+    let expires_at = crate::unix_now() + sendable_expiry_secs(state.checkout_expiry_secs());
     let params = CheckoutSessionParams {
         user,
         package_id: &package.id,
@@ -187,6 +199,17 @@ fn check_redirect_url(field: &'static str, value: &str) -> Result<(), CheckoutEr
     }
 }
 
+/// The session lifetime to ask Stripe for: the configured one, kept [`EXPIRY_MARGIN_SECS`]
+/// inside Stripe's accepted range.
+// Limitation: if `request_timeout` times the attempts exceeds the margin, a late retry of a
+// 30-minute session can still arrive too close to its expiry and be refused.
+fn sendable_expiry_secs(configured_secs: i64) -> i64 {
+    configured_secs.clamp(
+        STRIPE_EXPIRY_MIN_SECS + EXPIRY_MARGIN_SECS,
+        STRIPE_EXPIRY_MAX_SECS - EXPIRY_MARGIN_SECS,
+    )
+}
+
 /// Stripe's `client_reference_id` allows letters, digits, `-` and `_`, up to 200 characters.
 fn check_user_reference(user: &UserId) -> Result<(), CheckoutError> {
     let id = user.as_str();
@@ -224,6 +247,13 @@ mod tests {
         }
         let long = format!("https://example.com/{}", "a".repeat(MAX_URL_LEN));
         assert!(check_redirect_url("success_url", &long).is_err());
+    }
+
+    #[test]
+    fn expiry_sent_to_stripe_stays_inside_its_window() {
+        assert_eq!(sendable_expiry_secs(86_400), 86_100);
+        assert_eq!(sendable_expiry_secs(1_800), 2_100);
+        assert_eq!(sendable_expiry_secs(7_200), 7_200);
     }
 
     #[test]

@@ -160,7 +160,9 @@ pub struct Config {
 /// How Checkout Sessions are opened.
 #[derive(Clone, Debug)]
 pub struct CheckoutSettings {
-    /// How long a session stays payable; Stripe allows 30 min to 24 h. Default 24 h.
+    /// How long a session stays payable; Stripe allows 30 min to 24 h. Default 24 h. The
+    /// value sent to Stripe is kept 5 min inside that range (24 h becomes 23 h 55 min), so
+    /// that clock differences and retries cannot push it out; see `checkout`.
     pub session_expiry: Duration,
 }
 

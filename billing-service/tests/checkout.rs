@@ -4,16 +4,12 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use common::{
-    read_shared, token, unix_now, Db, Options, StandInMode, StripeStandIn, TestServer, STRIPE_KEY,
-};
+use common::{read_shared, token, unix_now, Db, Options, StripeStandIn, TestServer, STRIPE_KEY};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 both_backends!(
     checkout_sends_stripes_form_and_returns_the_session_url,
-    retried_attempt_reuses_its_idempotency_key,
-    stripe_refusal_is_502_and_unreachable_stripe_is_503,
     bad_checkout_requests_get_problem_answers,
     missing_stripe_key_is_503,
     packages_and_public_config_are_served,
@@ -68,12 +64,8 @@ fn reference_form() -> BTreeMap<String, String> {
 }
 
 async fn checkout_sends_stripes_form_and_returns_the_session_url(db: Db) {
-    let stripe = StripeStandIn::start(StandInMode::Succeed).await;
-    let options = Options {
-        stripe_api_base: Some(stripe.base.clone()),
-        ..Options::default()
-    };
-    let server = TestServer::start(db, options).await;
+    let stripe = StripeStandIn::start().await;
+    let server = TestServer::start(db, Options::with_stripe(&stripe)).await;
 
     let before = unix_now();
     let body = checkout_body("starter").to_string();
@@ -112,7 +104,8 @@ async fn checkout_sends_stripes_form_and_returns_the_session_url(db: Db) {
     assert_eq!(sent["success_url"], checkout_body("starter")["success_url"]);
     assert_eq!(sent["cancel_url"], checkout_body("starter")["cancel_url"]);
     let expires_at: i64 = sent["expires_at"].parse().expect("integer");
-    assert!((before + 86_400..=unix_now() + 86_400).contains(&expires_at));
+    // 24 h configured, sent 5 min short so that it stays inside Stripe's window.
+    assert!((before + 86_100..=unix_now() + 86_100).contains(&expires_at));
 
     let session_id = answer["session_id"].as_str().expect("session id");
     assert_eq!(
@@ -143,60 +136,9 @@ async fn checkout_sends_stripes_form_and_returns_the_session_url(db: Db) {
     assert_eq!(server.balance("42").await, 1_000);
 }
 
-async fn retried_attempt_reuses_its_idempotency_key(db: Db) {
-    let stripe = StripeStandIn::start(StandInMode::FailFirst(1)).await;
-    let options = Options {
-        stripe_api_base: Some(stripe.base.clone()),
-        ..Options::default()
-    };
-    let server = TestServer::start(db, options).await;
-
-    let body = checkout_body("pro").to_string();
-    let response = post_checkout(&server, Some(&token("42")), body.clone()).await;
-    assert_eq!(response.status(), StatusCode::OK);
-
-    let requests = stripe.requests();
-    assert_eq!(requests.len(), 2, "one failure, one retry");
-    let key = |index: usize| requests[index].headers["idempotency-key"].clone();
-    assert_eq!(key(0), key(1));
-    assert_eq!(requests[0].form, requests[1].form);
-
-    // A new checkout is a new attempt with a new key.
-    let response = post_checkout(&server, Some(&token("42")), body).await;
-    assert_eq!(response.status(), StatusCode::OK);
-    assert_ne!(stripe.requests()[2].headers["idempotency-key"], key(0));
-}
-
-async fn stripe_refusal_is_502_and_unreachable_stripe_is_503(db: Db) {
-    let stripe = StripeStandIn::start(StandInMode::Reject).await;
-    let options = Options {
-        stripe_api_base: Some(stripe.base.clone()),
-        ..Options::default()
-    };
-    let server = TestServer::start(db, options).await;
-    let body = checkout_body("starter").to_string();
-    let response = post_checkout(&server, Some(&token("42")), body.clone()).await;
-    assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
-    assert_eq!(stripe.requests().len(), 1, "a 400 is not retried");
-    let problem: Value = response.json().await.expect("JSON");
-    assert!(!problem["detail"]
-        .as_str()
-        .unwrap_or_default()
-        .contains("parameter_invalid"));
-
-    // The default test API base has nothing listening.
-    let server = TestServer::start(db, Options::default()).await;
-    let response = post_checkout(&server, Some(&token("42")), body).await;
-    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
-}
-
 async fn bad_checkout_requests_get_problem_answers(db: Db) {
-    let stripe = StripeStandIn::start(StandInMode::Succeed).await;
-    let options = Options {
-        stripe_api_base: Some(stripe.base.clone()),
-        ..Options::default()
-    };
-    let server = TestServer::start(db, options).await;
+    let stripe = StripeStandIn::start().await;
+    let server = TestServer::start(db, Options::with_stripe(&stripe)).await;
     let user = token("42");
     let mut bad_url = checkout_body("starter");
     bad_url["success_url"] = json!("javascript:alert(1)");

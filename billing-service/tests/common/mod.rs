@@ -9,17 +9,13 @@
 // Each test binary uses a different subset of these helpers.
 #![allow(dead_code)]
 
+pub mod stripe;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::IntoResponse;
-use axum::routing::post;
-use axum::{Json, Router};
+use axum::http::StatusCode;
 use billing_service::config::{Config, Environment, Secret};
 use billing_service::db::Pool;
 use billing_service::http::{self, AppState};
@@ -29,6 +25,8 @@ use reqwest::Url;
 use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
+
+pub use self::stripe::StripeStandIn;
 
 pub const JWT_SECRET: &str = "test-jwt-secret";
 pub const WEBHOOK_SECRET: &str = "whsec_test_integration_secret";
@@ -200,12 +198,16 @@ impl Drop for TempDir {
     }
 }
 
-/// Which secrets the server under test is given.
+/// Which secrets the server under test is given, and what it changes in the shipped config.
 pub struct Options {
     pub stripe_secret_key: Option<&'static str>,
     pub stripe_api_base: Option<Url>,
     pub webhook_secret: Option<&'static str>,
     pub service_token: Option<&'static str>,
+    /// Replaces `stripe.request_timeout_secs` (20 s shipped), for tests of a slow Stripe.
+    pub stripe_request_timeout: Option<Duration>,
+    /// Replaces `stripe.max_retries` (2 shipped).
+    pub stripe_max_retries: Option<u32>,
 }
 
 impl Default for Options {
@@ -215,6 +217,18 @@ impl Default for Options {
             stripe_api_base: None,
             webhook_secret: Some(WEBHOOK_SECRET),
             service_token: Some(SERVICE_TOKEN),
+            stripe_request_timeout: None,
+            stripe_max_retries: None,
+        }
+    }
+}
+
+impl Options {
+    /// The defaults, with Stripe's API at `stripe`.
+    pub fn with_stripe(stripe: &StripeStandIn) -> Self {
+        Self {
+            stripe_api_base: Some(stripe.base.clone()),
+            ..Self::default()
         }
     }
 }
@@ -235,7 +249,13 @@ impl TestServer {
     pub async fn start(db: Db, options: Options) -> Self {
         let database = TestDatabase::create(db).await;
         let config_path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../config/billing.toml");
-        let config = Config::load(&config_path).expect("shipped config loads");
+        let mut config = Config::load(&config_path).expect("shipped config loads");
+        if let Some(timeout) = options.stripe_request_timeout {
+            config.stripe.request_timeout = timeout;
+        }
+        if let Some(retries) = options.stripe_max_retries {
+            config.stripe.max_retries = retries;
+        }
         let database_url = database.url.clone();
         let env = Environment {
             stripe_secret_key: options.stripe_secret_key.map(Secret::new),
@@ -406,127 +426,6 @@ pub fn paid_starter_event() -> Vec<u8> {
     )
 }
 
-// ===== Stripe stand-in =====
-
-/// One request the stand-in received.
-#[derive(Clone, Debug)]
-pub struct Captured {
-    pub path: String,
-    pub headers: HeaderMap,
-    pub form: Vec<(String, String)>,
-}
-
-/// What the stand-in answers.
-#[derive(Clone, Copy, Debug)]
-pub enum StandInMode {
-    /// Creates sessions.
-    Succeed,
-    /// Answers 500 this many times, then creates sessions.
-    FailFirst(usize),
-    /// Always refuses with a Stripe-shaped 400.
-    Reject,
-}
-
-#[derive(Clone)]
-struct StandInState {
-    captured: Arc<Mutex<Vec<Captured>>>,
-    mode: StandInMode,
-    calls: Arc<AtomicUsize>,
-}
-
-/// A local server that speaks Stripe's Checkout Session API.
-pub struct StripeStandIn {
-    pub base: Url,
-    captured: Arc<Mutex<Vec<Captured>>>,
-}
-
-impl StripeStandIn {
-    pub async fn start(mode: StandInMode) -> Self {
-        let captured = Arc::new(Mutex::new(Vec::new()));
-        let state = StandInState {
-            captured: captured.clone(),
-            mode,
-            calls: Arc::new(AtomicUsize::new(0)),
-        };
-        let router = Router::new()
-            .route("/v1/checkout/sessions", post(create_session))
-            .with_state(state);
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
-        let addr = listener.local_addr().expect("bound address");
-        tokio::spawn(async move { axum::serve(listener, router).await });
-        Self {
-            base: Url::parse(&format!("http://{addr}")).expect("valid URL"),
-            captured,
-        }
-    }
-
-    pub fn requests(&self) -> Vec<Captured> {
-        self.captured.lock().expect("not poisoned").clone()
-    }
-}
-
-async fn create_session(
-    State(state): State<StandInState>,
-    headers: HeaderMap,
-    body: String,
-) -> axum::response::Response {
-    let form: Vec<(String, String)> = serde_urlencoded::from_str(&body).expect("form-encoded");
-    let call = state.calls.fetch_add(1, Ordering::SeqCst);
-    state.captured.lock().expect("not poisoned").push(Captured {
-        path: "/v1/checkout/sessions".to_owned(),
-        headers: headers.clone(),
-        form: form.clone(),
-    });
-    let request_id = [("request-id", format!("req_standin_{call}"))];
-
-    let failing = match state.mode {
-        StandInMode::Succeed => false,
-        StandInMode::FailFirst(failures) => call < failures,
-        StandInMode::Reject => {
-            let error = serde_json::json!({"error": {
-                "type": "invalid_request_error", "code": "parameter_invalid", "message": "bad"
-            }});
-            return (StatusCode::BAD_REQUEST, request_id, Json(error)).into_response();
-        }
-    };
-    if failing {
-        let error = serde_json::json!({"error": {"type": "api_error", "message": "try again"}});
-        return (StatusCode::INTERNAL_SERVER_ERROR, request_id, Json(error)).into_response();
-    }
-
-    // Stripe answers a repeated idempotency key with the first session, so the id is
-    // derived from the key.
-    let key = headers
-        .get("idempotency-key")
-        .and_then(|value| value.to_str().ok())
-        .unwrap_or("none");
-    let id = format!(
-        "cs_test_standin_{}",
-        key.replace(|c: char| !c.is_alphanumeric(), "")
-    );
-    let field = |name: &str| {
-        form.iter()
-            .find(|(key, _)| key == name)
-            .map(|(_, v)| v.clone())
-    };
-    let expires_at: i64 = field("expires_at")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    let session = serde_json::json!({
-        "id": id,
-        "object": "checkout.session",
-        "url": format!("https://checkout.stripe.com/c/pay/{id}"),
-        "expires_at": expires_at,
-        "payment_status": "unpaid",
-        "status": "open",
-        "client_reference_id": field("client_reference_id"),
-        "amount_total": field("line_items[0][price_data][unit_amount]")
-            .and_then(|v| v.parse::<i64>().ok()),
-        "currency": field("line_items[0][price_data][currency]"),
-    });
-    (StatusCode::OK, request_id, Json(session)).into_response()
-}
-
 // ===== Events for one purchase =====
 
 /// A fixture event re-identified as `event_id`, with `edit` applied to its `data.object`.
@@ -584,18 +483,13 @@ pub fn unique(prefix: &str) -> String {
 impl TestServer {
     /// A server whose Stripe API base is a fresh stand-in that creates sessions.
     pub async fn start_with_stripe(db: Db) -> (Self, StripeStandIn) {
-        let stripe = StripeStandIn::start(StandInMode::Succeed).await;
-        let options = Options {
-            stripe_api_base: Some(stripe.base.clone()),
-            ..Options::default()
-        };
-        (Self::start(db, options).await, stripe)
+        let stripe = StripeStandIn::start().await;
+        (Self::start(db, Options::with_stripe(&stripe)).await, stripe)
     }
 
-    /// Opens a checkout for `user` and returns the session id: a recorded purchase.
-    pub async fn checkout(&self, user: &str, package_id: &str) -> String {
-        let response = self
-            .client
+    /// `POST /api/v1/stripe/checkout` for `package_id` as `user`, whatever the answer.
+    pub async fn request_checkout(&self, user: &str, package_id: &str) -> reqwest::Response {
+        self.client
             .post(self.url("/api/v1/stripe/checkout"))
             .bearer_auth(token(user))
             .json(&serde_json::json!({
@@ -605,10 +499,30 @@ impl TestServer {
             }))
             .send()
             .await
-            .expect("checkout request completes");
+            .expect("checkout request completes")
+    }
+
+    /// Opens a checkout for `user` and returns the session id: a recorded purchase.
+    pub async fn checkout(&self, user: &str, package_id: &str) -> String {
+        let response = self.request_checkout(user, package_id).await;
         assert_eq!(response.status(), StatusCode::OK);
         let body: Value = response.json().await.expect("checkout answer is JSON");
         body["session_id"].as_str().expect("session id").to_owned()
+    }
+
+    /// The status of each purchase `user` started, oldest first, read from the database
+    /// because a purchase whose session was never opened has no id the API could show.
+    pub async fn purchase_statuses(&self, user: &str) -> Vec<String> {
+        sqlx::query_scalar(
+            r"SELECT status
+              FROM purchases
+              WHERE user_id = $1
+              ORDER BY created_at, id",
+        )
+        .bind(user)
+        .fetch_all(&self.pool)
+        .await
+        .expect("read purchase statuses")
     }
 
     /// `GET /api/v1/stripe/payments/{session}` as `user`.
