@@ -1,12 +1,16 @@
 //! The in-memory store: every client's counters in a bounded, sharded map.
+//!
+//! Client keys are HMAC outputs, uniformly random and unknown to anyone without the identity
+//! key, so the store uses their bytes directly: no hashing per request, and no way for a client
+//! to aim at one bucket of the map.
 
 use std::collections::HashMap;
-use std::hash::{DefaultHasher, Hash, Hasher};
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::{Mutex, MutexGuard};
 
 use async_trait::async_trait;
 
-use super::counters::{ClientCounters, Outcome};
+use super::counters::{ClientCounters, Limits, Outcome};
 use super::{CounterStore, StoreError, Verdict, Window};
 use crate::identity::ClientKey;
 
@@ -18,10 +22,10 @@ const DEFAULT_MAX_CLIENTS: usize = 1_000_000;
 
 /// Counters in process memory, for a single gateway instance.
 ///
-/// Clients are spread over shards by a hash of their key; one shard lock covers a client's
-/// whole decision, so it is atomic across the request's windows, and different clients rarely
-/// wait on each other. A client is forgotten as soon as all of its counters are idle (they
-/// hold nothing a fresh counter would not), at the latest by the next [`MemoryStore::sweep`].
+/// Clients are spread over shards by their key; one shard lock covers a client's whole
+/// decision, so it is atomic across the request's windows, and different clients rarely wait on
+/// each other. A client is forgotten as soon as all of its counters are idle (they hold nothing
+/// a fresh counter would not), at the latest by the next [`MemoryStore::sweep`].
 ///
 /// Memory is bounded by `max_clients`, split evenly over the shards. When a new client arrives
 /// at a full shard, the shard first forgets its idle clients. If it is still full, the
@@ -31,19 +35,28 @@ const DEFAULT_MAX_CLIENTS: usize = 1_000_000;
 /// flood of new addresses cannot reset anyone's count. Because the cap is per shard, a shard
 /// can fill slightly before the store as a whole does.
 ///
-/// A client with one sliding window of quantity 3 costs 190 to 260 bytes: a 57-byte map slot
-/// (32-byte key, 24-byte counter list, 1 control byte) in a map between 7/16 and 7/8 full, a
-/// 64-byte counter (shared name, window, variant, the log's ring header), the ring's 32 bytes
-/// of timestamps, and about 32 bytes of allocator overhead on those two allocations. A
-/// million such clients take about 250 MB. The test `memory_per_client_is_small` measures it.
+/// A client under one limit costs one 57-byte map slot and nothing else: 16 bytes of key, a
+/// 40-byte counter held inline (identity, and a sliding log of up to three entries), and one
+/// control byte. The map is between 7/16 and 7/8 full, so that is 65 to 131 bytes per client,
+/// and a million clients take 65 to 131 MB. Sliding logs of more entries, weighted estimates
+/// and clients under several limits also use the heap. The test `memory_per_client_is_small`
+/// checks the sizes, and the `memory_per_client` benchmark measures resident memory.
 #[derive(Debug)]
 pub struct MemoryStore {
-    shards: Vec<Mutex<Shard>>,
+    shards: Vec<PaddedShard>,
 }
+
+/// A shard on cache lines of its own, so that threads deciding for clients of neighbouring
+/// shards do not slow each other down by writing to the same line.
+#[derive(Debug)]
+#[repr(align(128))]
+struct PaddedShard(Mutex<Shard>);
 
 #[derive(Debug)]
 struct Shard {
-    clients: HashMap<ClientKey, ClientCounters>,
+    clients: HashMap<StoredKey, ClientCounters, KeyBits>,
+    /// The limits this shard's counters refer to.
+    limits: Limits,
     /// The most clients this shard tracks: its share of `max_clients`.
     capacity: usize,
     /// No tracked client can be idle before this time (Unix ms), so a full shard skips the
@@ -53,6 +66,22 @@ struct Shard {
     /// and new clients meanwhile go untracked.)
     next_idle_ms: u64,
 }
+
+/// The first 16 bytes of a [`ClientKey`], which is all the map keeps of it.
+///
+/// Two clients of one shard are confused only if 128 uniformly random bits agree: with a
+/// million clients tracked, the chance that any two do is about 10^-27, far below the odds of
+/// a memory error. It halves the key's share of a map slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct StoredKey([u64; 2]);
+
+/// Hashes a [`StoredKey`] to its first word, which is already uniformly random.
+#[derive(Clone, Copy, Debug, Default)]
+struct KeyBits;
+
+/// The hasher [`KeyBits`] builds: keeps the last word written.
+#[derive(Default)]
+struct KeyBitsHasher(u64);
 
 impl Default for MemoryStore {
     fn default() -> Self {
@@ -68,11 +97,12 @@ impl MemoryStore {
         let shards = (0..shard_count)
             .map(|index| {
                 let extra = usize::from(index < max_clients % shard_count);
-                Mutex::new(Shard {
-                    clients: HashMap::new(),
+                PaddedShard(Mutex::new(Shard {
+                    clients: HashMap::default(),
+                    limits: Limits::default(),
                     capacity: max_clients / shard_count + extra,
                     next_idle_ms: 0,
-                })
+                }))
             })
             .collect();
         Self { shards }
@@ -83,12 +113,14 @@ impl MemoryStore {
     /// recorded in all of them; a refused request records nothing.
     pub fn decide(&self, client: ClientKey, windows: &[Window], cost: u64, now_ms: u64) -> Verdict {
         let cost = cost.max(1);
-        let mut shard = self.lock(self.shard_of(client));
+        let key = StoredKey::of(&client);
+        let mut guard = self.lock(self.shard_of(&client));
+        let shard = &mut *guard;
 
-        if let Some(counters) = shard.clients.get_mut(&client) {
-            let outcome = counters.decide(windows, cost, now_ms);
+        if let Some(counters) = shard.clients.get_mut(&key) {
+            let outcome = counters.decide(&mut shard.limits, windows, cost, now_ms);
             if counters.is_empty() {
-                shard.clients.remove(&client);
+                shard.clients.remove(&key);
             }
             return verdict(outcome, false);
         }
@@ -96,14 +128,14 @@ impl MemoryStore {
         // A new client: decide against fresh counters, and keep them only if the request was
         // admitted and counted somewhere (a refusal records nothing) and the shard has room.
         let mut counters = ClientCounters::default();
-        let outcome = counters.decide(windows, cost, now_ms);
+        let outcome = counters.decide(&mut shard.limits, windows, cost, now_ms);
         if !outcome.admitted || counters.is_empty() {
             return verdict(outcome, false);
         }
         if !shard.make_room(now_ms) {
             return verdict(outcome, true);
         }
-        shard.clients.insert(client, counters);
+        shard.clients.insert(key, counters);
         verdict(outcome, false)
     }
 
@@ -129,17 +161,18 @@ impl MemoryStore {
             .sum()
     }
 
-    fn shard_of(&self, client: ClientKey) -> &Mutex<Shard> {
-        let mut hasher = DefaultHasher::new();
-        client.hash(&mut hasher);
-        let index = (hasher.finish() % self.shards.len() as u64) as usize;
-        &self.shards[index]
+    /// The shard of `client`, chosen by bytes the map does not hash, so that the keys within
+    /// one shard still spread over the whole of its map.
+    fn shard_of(&self, client: &ClientKey) -> &PaddedShard {
+        let bits = key_word(client, 3);
+        let index = (u128::from(bits) * self.shards.len() as u128) >> 64;
+        &self.shards[index as usize]
     }
 
     /// Locks a shard. A panic while a shard was locked cannot leave a client's counters half
     /// updated in a way that matters more than losing the request, so poisoning is ignored.
-    fn lock<'a>(&self, shard: &'a Mutex<Shard>) -> MutexGuard<'a, Shard> {
-        shard.lock().unwrap_or_else(|poison| poison.into_inner())
+    fn lock<'a>(&self, shard: &'a PaddedShard) -> MutexGuard<'a, Shard> {
+        shard.0.lock().unwrap_or_else(|poison| poison.into_inner())
     }
 }
 
@@ -175,15 +208,61 @@ impl Shard {
     }
 
     fn forget_idle(&mut self, now_ms: u64) {
+        let limits = &self.limits;
         self.clients
-            .retain(|_, counters| counters.forget_idle(now_ms));
+            .retain(|_, counters| counters.forget_idle(limits, now_ms));
         self.next_idle_ms = self
             .clients
             .values()
-            .map(ClientCounters::idle_at)
+            .map(|counters| counters.idle_at(limits))
             .min()
             .unwrap_or(0);
     }
+}
+
+impl StoredKey {
+    fn of(client: &ClientKey) -> Self {
+        Self([key_word(client, 0), key_word(client, 1)])
+    }
+}
+
+impl Hash for StoredKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.0[0]);
+    }
+}
+
+impl BuildHasher for KeyBits {
+    type Hasher = KeyBitsHasher;
+
+    fn build_hasher(&self) -> KeyBitsHasher {
+        KeyBitsHasher::default()
+    }
+}
+
+impl Hasher for KeyBitsHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write_u64(&mut self, word: u64) {
+        self.0 = word;
+    }
+
+    /// Only [`StoredKey`] is hashed, and it writes one `u64`; other input is folded in all the
+    /// same, so that the hasher stays correct if that ever changes.
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(byte)).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+}
+
+/// The `index`-th little-endian 64-bit word of a client key, for `index` below 4.
+fn key_word(client: &ClientKey, index: usize) -> u64 {
+    let mut word = [0; 8];
+    word.copy_from_slice(&client.as_bytes()[index * 8..index * 8 + 8]);
+    u64::from_le_bytes(word)
 }
 
 fn verdict(outcome: Outcome, untracked: bool) -> Verdict {
@@ -211,22 +290,18 @@ mod tests {
             algorithm: Algorithm::SlidingWindow,
             variant: 0,
         };
+        let mut limits = Limits::default();
         let mut counters = ClientCounters::default();
         for at in 0..3 {
-            assert!(
-                counters
-                    .decide(std::slice::from_ref(&window), 1, at)
-                    .admitted
-            );
+            let windows = std::slice::from_ref(&window);
+            assert!(counters.decide(&mut limits, windows, 1, at).admitted);
         }
 
-        // A map slot is the entry plus one control byte (57 bytes), and the map is between 7/16
-        // and 7/8 full. The heap holds the 64-byte counter and the log's 32 bytes. So 161 to
-        // 226 bytes, and about 32 more of allocator overhead on the two allocations.
-        let slot = size_of::<(ClientKey, ClientCounters)>() + 1;
-        let heap = counters.heap_bytes();
-        assert_eq!((slot, heap), (57, 96));
-        let sparse = slot * 16 / 7 + heap;
-        assert!(sparse <= 256, "{sparse} bytes per client");
+        // A map slot is the entry plus one control byte, and nothing is on the heap. The map
+        // is between 7/16 and 7/8 full, so 65 to 131 bytes per client.
+        let slot = size_of::<(StoredKey, ClientCounters)>() + 1;
+        assert_eq!((slot, counters.heap_bytes()), (57, 0));
+        let sparse = slot * 16 / 7;
+        assert!(sparse <= 150, "{sparse} bytes per client");
     }
 }

@@ -10,7 +10,7 @@
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 
-use super::counters::ClientCounters;
+use super::counters::{ClientCounters, Limits};
 use super::{Algorithm, Window};
 
 /// A start time far from zero, so aligned windows do not all start at it.
@@ -35,24 +35,35 @@ fn steps(max_cost: u64) -> impl Strategy<Value = Vec<(u64, u64)>> {
     prop::collection::vec((gap, 1..=max_cost), 1..50)
 }
 
-fn decide(counters: &mut ClientCounters, window: &Window, cost: u64, now_ms: u64) -> bool {
-    counters
-        .decide(std::slice::from_ref(window), cost, now_ms)
+/// One client's counters with the limit table they refer to, as a shard holds them.
+#[derive(Clone, Default)]
+struct Client {
+    limits: Limits,
+    counters: ClientCounters,
+}
+
+fn decide(client: &mut Client, window: &Window, cost: u64, now_ms: u64) -> bool {
+    let windows = std::slice::from_ref(window);
+    client
+        .counters
+        .decide(&mut client.limits, windows, cost, now_ms)
         .admitted
 }
 
 /// `remaining` at `now_ms`, read from a request that cannot fit and so records nothing.
-fn remaining_at(counters: &ClientCounters, window: &Window, now_ms: u64) -> u64 {
-    let mut probe = counters.clone();
+fn remaining_at(client: &Client, window: &Window, now_ms: u64) -> u64 {
+    let mut probe = client.clone();
+    let windows = std::slice::from_ref(window);
     probe
-        .decide(std::slice::from_ref(window), u64::MAX >> 16, now_ms)
+        .counters
+        .decide(&mut probe.limits, windows, u64::MAX >> 16, now_ms)
         .states[0]
         .remaining
 }
 
 /// How many unit requests are admitted back to back at `now_ms`, stopping after `cap`.
-fn back_to_back(counters: &ClientCounters, window: &Window, now_ms: u64, cap: u64) -> u64 {
-    let mut probe = counters.clone();
+fn back_to_back(client: &Client, window: &Window, now_ms: u64, cap: u64) -> u64 {
+    let mut probe = client.clone();
     (0..cap)
         .take_while(|_| decide(&mut probe, window, 1, now_ms))
         .count() as u64
@@ -60,12 +71,15 @@ fn back_to_back(counters: &ClientCounters, window: &Window, now_ms: u64, cap: u6
 
 /// Runs `steps`, checks each decision, and returns the admitted `(time, cost)` pairs.
 fn run(window: &Window, full: u64, steps: &[(u64, u64)]) -> Result<Vec<(u64, u64)>, TestCaseError> {
-    let mut counters = ClientCounters::default();
+    let mut client = Client::default();
     let mut now_ms = START_MS;
     let mut admitted = Vec::new();
     for &(gap, cost) in steps {
         now_ms += gap;
-        let outcome = counters.decide(std::slice::from_ref(window), cost, now_ms);
+        let windows = std::slice::from_ref(window);
+        let outcome = client
+            .counters
+            .decide(&mut client.limits, windows, cost, now_ms);
         let state = &outcome.states[0];
         prop_assert_eq!(state.admits, outcome.admitted);
         prop_assert!(state.reset_ms >= 1);
@@ -74,10 +88,10 @@ fn run(window: &Window, full: u64, steps: &[(u64, u64)]) -> Result<Vec<(u64, u64
         }
 
         if state.remaining <= UNIT_PROBE_MAX {
-            let units = back_to_back(&counters, window, now_ms, state.remaining + 1);
+            let units = back_to_back(&client, window, now_ms, state.remaining + 1);
             prop_assert_eq!(units, state.remaining);
         } else {
-            let mut probe = counters.clone();
+            let mut probe = client.clone();
             prop_assert!(decide(&mut probe, window, state.remaining, now_ms));
             prop_assert!(!decide(&mut probe, window, 1, now_ms));
         }
@@ -87,20 +101,20 @@ fn run(window: &Window, full: u64, steps: &[(u64, u64)]) -> Result<Vec<(u64, u64
             // Never fits; the wait only says when the counter will have emptied.
             prop_assert!(!outcome.admitted);
         } else if !outcome.admitted {
-            let mut later = counters.clone();
+            let mut later = client.clone();
             prop_assert!(
                 decide(&mut later, window, cost, now_ms + wait),
                 "after the wait"
             );
-            let mut early = counters.clone();
+            let mut early = client.clone();
             prop_assert!(
                 !decide(&mut early, window, cost, now_ms + wait - 1),
                 "1 ms early"
             );
         } else if state.remaining < full {
-            prop_assert!(remaining_at(&counters, window, now_ms + wait) > state.remaining);
+            prop_assert!(remaining_at(&client, window, now_ms + wait) > state.remaining);
             prop_assert_eq!(
-                remaining_at(&counters, window, now_ms + wait - 1),
+                remaining_at(&client, window, now_ms + wait - 1),
                 state.remaining
             );
         }

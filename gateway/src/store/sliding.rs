@@ -29,24 +29,57 @@ pub(super) fn is_exact(quantity: u64) -> bool {
 /// at 7 s a fourth is refused and must wait 3 s, until the one from 0 s leaves.
 ///
 /// A request of cost `c` is logged as `c` entries, so the log never holds more than
-/// [`SLIDING_LOG_MAX_QUANTITY`] entries of 8 bytes.
-#[derive(Clone, Debug, Default)]
-pub(super) struct SlidingLog {
-    /// Admission time of each counted unit, Unix ms, oldest first. A clock that steps back is
-    /// logged at the newest time already held, which keeps the order.
-    admitted_at: VecDeque<u64>,
+/// [`SLIDING_LOG_MAX_QUANTITY`] entries. Admission times are kept in ms, oldest first; a clock
+/// that steps back is logged at the newest time already held, which keeps the order.
+///
+/// Storage. Most clients of a small quota hold a few entries, so up to [`INLINE_ENTRIES`] live
+/// inside the counter itself, as 32-bit offsets from a base time: no allocation, and the whole
+/// log fits in 24 bytes. Every entry of a log lies within one window of the newest, so the
+/// offsets fit whenever the window is shorter than 2^32 ms (about 49 days). A longer log, or
+/// one whose entries are too far apart, moves to a heap ring of full timestamps, and moves
+/// back once it has shrunk. Both forms hold the same times, so the choice never changes a
+/// decision.
+#[derive(Clone, Debug)]
+pub(super) enum SlidingLog {
+    /// The first `len` of `offsets_ms`, each added to `base_ms` (Unix ms).
+    Inline {
+        len: u8,
+        offsets_ms: [u32; INLINE_ENTRIES],
+        base_ms: u64,
+    },
+    /// Admission times, Unix ms.
+    #[expect(
+        clippy::box_collection,
+        reason = "a bare ring would make every log, and so every counter, 8 bytes larger"
+    )]
+    Spilled(Box<VecDeque<u64>>),
+}
+
+/// How many entries a sliding log holds without allocating. Three keeps the whole log in 24
+/// bytes, and so a one-limit client in a 57-byte map slot (see `MemoryStore`).
+const INLINE_ENTRIES: usize = 3;
+
+impl Default for SlidingLog {
+    fn default() -> Self {
+        Self::Inline {
+            len: 0,
+            offsets_ms: [0; INLINE_ENTRIES],
+            base_ms: 0,
+        }
+    }
 }
 
 impl SlidingLog {
     /// Forgets units that have left the window at `now_ms`.
     pub(super) fn advance(&mut self, window: &Window, now_ms: u64) {
         let length_ms = window.length_ms();
-        while let Some(&oldest) = self.admitted_at.front() {
+        while let Some(oldest) = self.front() {
             if oldest.saturating_add(length_ms) > now_ms {
                 break;
             }
-            self.admitted_at.pop_front();
+            self.pop_front();
         }
+        self.move_inline_if_short();
     }
 
     pub(super) fn admits(&self, window: &Window, cost: u64) -> bool {
@@ -54,12 +87,9 @@ impl SlidingLog {
     }
 
     pub(super) fn record(&mut self, cost: u64, now_ms: u64) {
-        let at = self
-            .admitted_at
-            .back()
-            .map_or(now_ms, |&newest| newest.max(now_ms));
+        let at = self.back().map_or(now_ms, |newest| newest.max(now_ms));
         for _ in 0..cost {
-            self.admitted_at.push_back(at);
+            self.push_back(at);
         }
     }
 
@@ -78,26 +108,22 @@ impl SlidingLog {
         // the quantity never fits; its wait is until the log is empty.
         let excess = counted.saturating_add(cost).saturating_sub(window.quantity);
         let freeing = if admits {
-            self.admitted_at.front()
+            self.front()
         } else {
             let position = usize::try_from(excess).unwrap_or(usize::MAX);
-            let freeing = self.admitted_at.get(position.saturating_sub(1));
-            freeing.or(self.admitted_at.back())
+            self.get(position.saturating_sub(1)).or(self.back())
         };
         WindowState {
             admits,
             remaining: window.quantity.saturating_sub(counted),
-            reset_ms: freeing
-                .map_or(window.length_ms(), |&at| until_leaves(at))
-                .max(1),
+            reset_ms: freeing.map_or(window.length_ms(), until_leaves).max(1),
         }
     }
 
     /// When the last unit leaves, Unix ms; 0 for an empty log.
     pub(super) fn idle_at(&self, window_ms: u64) -> u64 {
-        self.admitted_at
-            .back()
-            .map_or(0, |&newest| newest.saturating_add(window_ms.max(1)))
+        self.back()
+            .map_or(0, |newest| newest.saturating_add(window_ms.max(1)))
     }
 
     /// Converts an estimate to a log when a reload lowers the quantity to the exact range: the
@@ -112,11 +138,131 @@ impl SlidingLog {
 
     #[cfg(test)]
     pub(super) fn heap_bytes(&self) -> usize {
-        self.admitted_at.capacity() * std::mem::size_of::<u64>()
+        match self {
+            Self::Inline { .. } => 0,
+            Self::Spilled(ring) => {
+                std::mem::size_of::<VecDeque<u64>>() + ring.capacity() * std::mem::size_of::<u64>()
+            }
+        }
     }
 
     fn counted(&self) -> u64 {
-        self.admitted_at.len() as u64
+        self.len() as u64
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Self::Inline { len, .. } => usize::from(*len),
+            Self::Spilled(ring) => ring.len(),
+        }
+    }
+
+    /// The `index`-th admission time, oldest first.
+    fn get(&self, index: usize) -> Option<u64> {
+        match self {
+            Self::Inline {
+                len,
+                offsets_ms,
+                base_ms,
+            } => offsets_ms[..usize::from(*len)]
+                .get(index)
+                .map(|&offset_ms| base_ms + u64::from(offset_ms)),
+            Self::Spilled(ring) => ring.get(index).copied(),
+        }
+    }
+
+    fn front(&self) -> Option<u64> {
+        self.get(0)
+    }
+
+    fn back(&self) -> Option<u64> {
+        self.len().checked_sub(1).and_then(|last| self.get(last))
+    }
+
+    fn iter(&self) -> impl Iterator<Item = u64> + '_ {
+        (0..self.len()).filter_map(|index| self.get(index))
+    }
+
+    fn pop_front(&mut self) {
+        match self {
+            Self::Inline {
+                len, offsets_ms, ..
+            } => {
+                if *len > 0 {
+                    offsets_ms.copy_within(1..usize::from(*len), 0);
+                    *len -= 1;
+                }
+            }
+            Self::Spilled(ring) => {
+                ring.pop_front();
+            }
+        }
+    }
+
+    /// Appends `at`, which is at least the newest time held.
+    fn push_back(&mut self, at: u64) {
+        if let Self::Inline {
+            len,
+            offsets_ms,
+            base_ms,
+        } = self
+        {
+            let held = usize::from(*len);
+            if held == 0 {
+                *base_ms = at;
+            }
+            // Rebase on the oldest entry when the newest would not fit as an offset.
+            if at - *base_ms > u64::from(u32::MAX) {
+                let oldest_ms = offsets_ms[0];
+                *base_ms += u64::from(oldest_ms);
+                for offset_ms in &mut offsets_ms[..held] {
+                    *offset_ms -= oldest_ms;
+                }
+            }
+            if held < INLINE_ENTRIES {
+                if let Ok(offset_ms) = u32::try_from(at - *base_ms) {
+                    offsets_ms[held] = offset_ms;
+                    *len += 1;
+                    return;
+                }
+            }
+            self.spill();
+        }
+        if let Self::Spilled(ring) = self {
+            ring.push_back(at);
+        }
+    }
+
+    /// Moves an inline log to the heap, where it can grow without bound on spread or length.
+    fn spill(&mut self) {
+        let mut ring = VecDeque::with_capacity(INLINE_ENTRIES + 1);
+        ring.extend(self.iter());
+        *self = Self::Spilled(Box::new(ring));
+    }
+
+    /// Moves a heap log back inline once it fits again, so memory follows the client's
+    /// activity.
+    fn move_inline_if_short(&mut self) {
+        let Self::Spilled(ring) = self else {
+            return;
+        };
+        if ring.len() > INLINE_ENTRIES {
+            return;
+        }
+        let base_ms = ring.front().copied().unwrap_or(0);
+        let mut offsets_ms = [0; INLINE_ENTRIES];
+        for (offset_ms, &at) in offsets_ms.iter_mut().zip(ring.iter()) {
+            let Ok(offset) = u32::try_from(at - base_ms) else {
+                return;
+            };
+            *offset_ms = offset;
+        }
+        *self = Self::Inline {
+            // At most `INLINE_ENTRIES`, checked above.
+            len: ring.len() as u8,
+            offsets_ms,
+            base_ms,
+        };
     }
 }
 
@@ -249,7 +395,7 @@ impl WeightedEstimate {
         let length_ms = window.length_ms();
         let window_index = now_ms / length_ms;
         let start_ms = window_index.saturating_mul(length_ms);
-        let current = log.admitted_at.iter().filter(|&&at| at >= start_ms).count() as u64;
+        let current = log.iter().filter(|&at| at >= start_ms).count() as u64;
         Self {
             window_index,
             current,

@@ -214,6 +214,34 @@ fn costs_are_counted_in_units() {
     );
 }
 
+#[test]
+fn a_log_longer_than_its_inline_range_stays_exact() {
+    // 3 per 200 days: entries more than 2^32 ms apart cannot be kept as 32-bit offsets, so the
+    // log moves to the heap, and back once one entry is left.
+    let store = MemoryStore::default();
+    let window = sliding("long", 3, 200 * DAY_MS);
+    let at = |days| one(&store, client(30), &window, days * DAY_MS);
+    assert_eq!(at(0), (true, 2, 200 * DAY_MS));
+    assert_eq!(at(60), (true, 1, 140 * DAY_MS));
+    assert_eq!(at(120), (true, 0, 80 * DAY_MS));
+    assert_eq!(at(130), (false, 0, 70 * DAY_MS));
+    assert_eq!(at(200), (true, 0, 60 * DAY_MS));
+    assert_eq!(at(321), (true, 1, 79 * DAY_MS));
+}
+
+#[test]
+fn a_log_rebases_its_offsets_as_old_entries_leave() {
+    // 3 per 40 days: the entry at 50 days is over 2^32 ms after the first, which has left.
+    let store = MemoryStore::default();
+    let window = sliding("month", 3, 40 * DAY_MS);
+    let at = |days| one(&store, client(31), &window, days * DAY_MS);
+    assert_eq!(at(0), (true, 2, 40 * DAY_MS));
+    assert_eq!(at(30), (true, 1, 10 * DAY_MS));
+    assert_eq!(at(41), (true, 1, 29 * DAY_MS));
+    assert_eq!(at(50), (true, 0, 20 * DAY_MS));
+    assert_eq!(at(51), (false, 0, 19 * DAY_MS));
+}
+
 // ---- Fixed window ---------------------------------------------------------------------------
 
 #[test]
