@@ -35,3 +35,5 @@ bench:
 	./bench/setup.sh
 	$(CARGO) build --release -p gateway
 	python3 bench/run.py
+	$(CARGO) bench -p gateway --bench decisions --bench memory_per_client
+	$(CARGO) bench -p billing-service --bench signature --bench webhook_throughput
