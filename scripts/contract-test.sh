@@ -23,25 +23,36 @@ stripe_port=$(free_port)
 billing_port=$(free_port)
 admin_port=$(free_port)
 
+bin="${CARGO_TARGET_DIR:-target}/debug"
 cargo build --quiet -p billing-service --bins --example stripe_stand_in
-target/debug/examples/stripe_stand_in "127.0.0.1:$stripe_port" >"$work/stripe.log" 2>&1 &
+"$bin/examples/stripe_stand_in" "127.0.0.1:$stripe_port" >"$work/stripe.log" 2>&1 &
 pids+=($!)
 
 export JWT_SECRET=contract-secret STRIPE_WEBHOOK_SECRET=whsec_contract
 export BILLING_SERVICE_TOKEN=contract-service-token STRIPE_SECRET_KEY=sk_test_contract
 export STRIPE_API_BASE="http://127.0.0.1:$stripe_port" RUST_LOG=warn
 export DATABASE_URL="sqlite://$work/billing.db?mode=rwc"
-target/debug/billing-service --config config/billing.toml \
+"$bin/billing-service" --config config/billing.toml \
   --listen "127.0.0.1:$billing_port" --admin-listen "127.0.0.1:$admin_port" \
   >"$work/billing.log" 2>&1 &
 pids+=($!)
 
+healthy=false
 for _ in $(seq 100); do
-  curl -sf "http://127.0.0.1:$admin_port/healthz" >/dev/null && break
+  if curl -sf "http://127.0.0.1:$admin_port/healthz" >/dev/null &&
+    curl -s -o /dev/null "http://127.0.0.1:$stripe_port/"; then
+    healthy=true
+    break
+  fi
   sleep 0.1
 done
+if [ "$healthy" != true ]; then
+  echo "contract test: billing or the Stripe stand-in did not start" >&2
+  cat "$work/billing.log" "$work/stripe.log" >&2
+  exit 1
+fi
 
-token=$(target/debug/billing-service mint-token --user 42)
+token=$("$bin/billing-service" mint-token --user 42)
 python3 -m schemathesis.cli --config-file billing-service/schemathesis.toml \
   run "http://127.0.0.1:$billing_port/openapi.json" \
   --checks all -H "Authorization: Bearer $token"

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-bin="target/${PROFILE:-debug}"
+bin="${CARGO_TARGET_DIR:-target}/${PROFILE:-debug}"
 
 # Development-only secrets; any variable already set in the environment wins.
 export JWT_SECRET="${JWT_SECRET:-tollgate-dev-jwt-secret}"

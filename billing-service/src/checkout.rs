@@ -7,13 +7,14 @@
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::Json;
 use reqwest::Url;
 use serde::{Deserialize, Serialize};
 use tollgate_auth::UserId;
 
 use crate::db::{self, DbError, NewPurchase, PurchaseId, PurchaseStatus};
-use crate::http::{ApiError, AppState, AuthenticatedUser};
+use crate::http::{self, ApiError, AppState, AuthenticatedUser};
 use crate::metrics::CheckoutOutcome;
 use crate::stripe::{CheckoutSessionParams, StripeError};
 
@@ -96,8 +97,10 @@ pub struct CheckoutResponse {
 pub async fn create(
     State(state): State<AppState>,
     AuthenticatedUser(user): AuthenticatedUser,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<CheckoutResponse>, ApiError> {
+    http::require_json(&headers)?;
     let body = body?;
     match open_session(&state, &user, &body).await {
         Ok(response) => {

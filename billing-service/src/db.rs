@@ -239,9 +239,12 @@ impl fmt::Display for PurchaseId {
     }
 }
 
-/// Where a purchase stands. Stored, and shown to its owner, as the lowercase name.
+/// Where a purchase stands. Stored, and shown to its owner, as the snake_case name.
+///
+/// A status only moves forward; [`PurchaseStatus::may_become`] lists every allowed step, and
+/// every query that changes a status is guarded by it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum PurchaseStatus {
     /// Recorded; Stripe has not yet confirmed a session.
     Pending,
@@ -255,9 +258,25 @@ pub enum PurchaseStatus {
     Mismatch,
     /// The session expired or its delayed payment failed; nothing granted.
     Closed,
+    /// Paid and granted, then part of the payment was refunded and the matching share of
+    /// the tokens clawed back.
+    PartiallyRefunded,
+    /// Paid and granted, then the whole payment was refunded and every token clawed back.
+    Refunded,
 }
 
 impl PurchaseStatus {
+    const ALL: [Self; 8] = [
+        Self::Pending,
+        Self::Open,
+        Self::Failed,
+        Self::Fulfilled,
+        Self::Mismatch,
+        Self::Closed,
+        Self::PartiallyRefunded,
+        Self::Refunded,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Pending => "pending",
@@ -266,22 +285,65 @@ impl PurchaseStatus {
             Self::Fulfilled => "fulfilled",
             Self::Mismatch => "mismatch",
             Self::Closed => "closed",
+            Self::PartiallyRefunded => "partially_refunded",
+            Self::Refunded => "refunded",
         }
     }
 
     /// The status stored as `text`; `None` for a value this version does not know.
     pub fn parse(text: &str) -> Option<Self> {
-        [
-            Self::Pending,
-            Self::Open,
-            Self::Failed,
-            Self::Fulfilled,
-            Self::Mismatch,
-            Self::Closed,
-        ]
-        .into_iter()
-        .find(|status| status.as_str() == text)
+        Self::ALL.into_iter().find(|status| status.as_str() == text)
     }
+
+    /// Whether a purchase in this status may move to `next`: the one table of allowed
+    /// transitions.
+    ///
+    /// Webhooks arrive in any order and any number of times, so a later event must never
+    /// undo what an earlier one established. Once paid, a purchase only moves along
+    /// fulfilled, partially refunded, refunded; no mismatch, expiry or failure reported
+    /// afterwards changes it (such events are still recorded in `stripe_events`). Before
+    /// payment a confirmed payment always wins, so a session flagged or closed earlier
+    /// still becomes fulfilled when Stripe reports it paid as sold.
+    pub fn may_become(self, next: Self) -> bool {
+        match next {
+            Self::Pending => false,
+            Self::Open | Self::Failed => self == Self::Pending,
+            Self::Closed => matches!(self, Self::Pending | Self::Open),
+            Self::Mismatch => matches!(self, Self::Pending | Self::Open | Self::Closed),
+            Self::Fulfilled => !self.is_paid(),
+            Self::PartiallyRefunded => self == Self::Fulfilled,
+            Self::Refunded => matches!(self, Self::Fulfilled | Self::PartiallyRefunded),
+        }
+    }
+
+    /// Whether the purchase was paid and its tokens granted, whatever was refunded since.
+    pub fn is_paid(self) -> bool {
+        matches!(
+            self,
+            Self::Fulfilled | Self::PartiallyRefunded | Self::Refunded
+        )
+    }
+}
+
+/// The SQL condition `status IN (…)` over every status that may become `next`. The names
+/// written into the statement are our own constants, never request data.
+fn may_become_condition(next: PurchaseStatus) -> String {
+    let sources: Vec<String> = PurchaseStatus::ALL
+        .into_iter()
+        .filter(|status| status.may_become(next))
+        .map(|status| format!("'{}'", status.as_str()))
+        .collect();
+    format!("status IN ({})", sources.join(", "))
+}
+
+/// The SQL condition `status IN (…)` over the paid statuses.
+fn paid_condition() -> String {
+    let paid: Vec<String> = PurchaseStatus::ALL
+        .into_iter()
+        .filter(|status| status.is_paid())
+        .map(|status| format!("'{}'", status.as_str()))
+        .collect();
+    format!("status IN ({})", paid.join(", "))
 }
 
 /// A purchase about to be recorded, before Stripe is called.
@@ -331,7 +393,8 @@ where
     Ok(())
 }
 
-/// Stores the session Stripe created for a purchase and marks it open.
+/// Stores the session Stripe created for a purchase and marks it open, if it is still
+/// pending.
 pub async fn attach_session<'e, E>(
     executor: E,
     purchase: &PurchaseId,
@@ -340,21 +403,25 @@ pub async fn attach_session<'e, E>(
 where
     E: Executor<'e, Database = Backend>,
 {
-    sqlx::query(
+    let statement = format!(
         r"UPDATE purchases
           SET session_id = $2, status = $3, updated_at = $4
-          WHERE id = $1",
-    )
-    .bind(purchase)
-    .bind(session)
-    .bind(PurchaseStatus::Open.as_str())
-    .bind(crate::unix_now())
-    .execute(executor)
-    .await
-    .map_err(query_failed("attach a checkout session to its purchase"))?;
+          WHERE id = $1 AND {}",
+        may_become_condition(PurchaseStatus::Open)
+    );
+    sqlx::query(&statement)
+        .bind(purchase)
+        .bind(session)
+        .bind(PurchaseStatus::Open.as_str())
+        .bind(crate::unix_now())
+        .execute(executor)
+        .await
+        .map_err(query_failed("attach a checkout session to its purchase"))?;
     Ok(())
 }
 
+/// Moves `purchase` to `status` if [`PurchaseStatus::may_become`] allows it; otherwise
+/// leaves it as it is.
 pub async fn set_purchase_status<'e, E>(
     executor: E,
     purchase: &PurchaseId,
@@ -363,22 +430,24 @@ pub async fn set_purchase_status<'e, E>(
 where
     E: Executor<'e, Database = Backend>,
 {
-    sqlx::query(
+    let statement = format!(
         r"UPDATE purchases
           SET status = $2, updated_at = $3
-          WHERE id = $1",
-    )
-    .bind(purchase)
-    .bind(status.as_str())
-    .bind(crate::unix_now())
-    .execute(executor)
-    .await
-    .map_err(query_failed("update a purchase status"))?;
+          WHERE id = $1 AND {}",
+        may_become_condition(status)
+    );
+    sqlx::query(&statement)
+        .bind(purchase)
+        .bind(status.as_str())
+        .bind(crate::unix_now())
+        .execute(executor)
+        .await
+        .map_err(query_failed("update a purchase status"))?;
     Ok(())
 }
 
-/// Sets the status of the purchase behind `session`, if billing started it. A fulfilled
-/// purchase keeps its status whatever arrives later.
+/// Moves the purchase behind `session` to `status` if there is one and
+/// [`PurchaseStatus::may_become`] allows it; otherwise changes nothing.
 pub async fn set_session_status<'e, E>(
     executor: E,
     session: &SessionId,
@@ -387,22 +456,24 @@ pub async fn set_session_status<'e, E>(
 where
     E: Executor<'e, Database = Backend>,
 {
-    sqlx::query(
+    let statement = format!(
         r"UPDATE purchases
           SET status = $2, updated_at = $3
-          WHERE session_id = $1 AND status <> 'fulfilled'",
-    )
-    .bind(session)
-    .bind(status.as_str())
-    .bind(crate::unix_now())
-    .execute(executor)
-    .await
-    .map_err(query_failed("update a purchase status by session"))?;
+          WHERE session_id = $1 AND {}",
+        may_become_condition(status)
+    );
+    sqlx::query(&statement)
+        .bind(session)
+        .bind(status.as_str())
+        .bind(crate::unix_now())
+        .execute(executor)
+        .await
+        .map_err(query_failed("update a purchase status by session"))?;
     Ok(())
 }
 
-/// The purchase billing recorded for `session`, or `None` if the session was not opened by
-/// this service (for example one created in Stripe's dashboard).
+/// The purchase billing recorded for `session`, whatever its status, or `None` if the
+/// session was not opened by this service (for example one created in Stripe's dashboard).
 pub async fn find_purchase_by_session<'e, E>(
     executor: E,
     session: &SessionId,
@@ -413,7 +484,7 @@ where
     sqlx::query_as(
         r"SELECT id, user_id, package_id, tokens, amount_cents, currency
           FROM purchases
-          WHERE session_id = $1 AND status <> 'fulfilled'",
+          WHERE session_id = $1",
     )
     .bind(session)
     .fetch_optional(executor)
@@ -435,7 +506,8 @@ pub struct ExternalPurchase<'a> {
 }
 
 /// Marks the purchase behind `session` fulfilled and remembers the PaymentIntent that paid
-/// it. Returns `false` if billing has no purchase for the session.
+/// it. Returns `false` if billing has no unpaid purchase for the session; callers only get
+/// here after writing the session's one grant, so a paid purchase cannot exist yet.
 pub async fn mark_fulfilled<'e, E>(
     executor: E,
     session: &SessionId,
@@ -444,18 +516,20 @@ pub async fn mark_fulfilled<'e, E>(
 where
     E: Executor<'e, Database = Backend>,
 {
-    let result = sqlx::query(
+    let statement = format!(
         r"UPDATE purchases
           SET status = $2, payment_intent_id = $3, updated_at = $4
-          WHERE session_id = $1",
-    )
-    .bind(session)
-    .bind(PurchaseStatus::Fulfilled.as_str())
-    .bind(payment_intent)
-    .bind(crate::unix_now())
-    .execute(executor)
-    .await
-    .map_err(query_failed("mark a purchase fulfilled"))?;
+          WHERE session_id = $1 AND {}",
+        may_become_condition(PurchaseStatus::Fulfilled)
+    );
+    let result = sqlx::query(&statement)
+        .bind(session)
+        .bind(PurchaseStatus::Fulfilled.as_str())
+        .bind(payment_intent)
+        .bind(crate::unix_now())
+        .execute(executor)
+        .await
+        .map_err(query_failed("mark a purchase fulfilled"))?;
     Ok(result.rows_affected() > 0)
 }
 
@@ -495,10 +569,13 @@ pub struct PaidPurchase {
     pub session_id: SessionId,
     pub user_id: String,
     pub tokens: Tokens,
+    /// What was paid for it, in the smallest unit of `currency`.
+    pub amount_cents: Cents,
     pub currency: String,
 }
 
-/// The fulfilled purchase that `payment_intent` paid, if any.
+/// The paid purchase (fulfilled, or refunded in part or whole) that `payment_intent` paid,
+/// if any.
 pub async fn find_paid_purchase<'e, E>(
     executor: E,
     payment_intent: &PaymentIntentId,
@@ -506,15 +583,17 @@ pub async fn find_paid_purchase<'e, E>(
 where
     E: Executor<'e, Database = Backend>,
 {
-    sqlx::query_as(
-        r"SELECT session_id, user_id, tokens, currency
+    let statement = format!(
+        r"SELECT session_id, user_id, tokens, amount_cents, currency
           FROM purchases
-          WHERE payment_intent_id = $1 AND status = 'fulfilled'",
-    )
-    .bind(payment_intent)
-    .fetch_optional(executor)
-    .await
-    .map_err(query_failed("look up a purchase by payment intent"))
+          WHERE payment_intent_id = $1 AND {}",
+        paid_condition()
+    );
+    sqlx::query_as(&statement)
+        .bind(payment_intent)
+        .fetch_optional(executor)
+        .await
+        .map_err(query_failed("look up a purchase by payment intent"))
 }
 
 /// One purchase as its owner sees it.
@@ -744,4 +823,39 @@ where
     .await
     .map_err(query_failed("record a stripe event"))?;
     Ok(result.rows_affected() == 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PurchaseStatus;
+
+    #[test]
+    fn paid_purchases_only_move_towards_refunded() {
+        for from in PurchaseStatus::ALL.into_iter().filter(|s| s.is_paid()) {
+            for to in PurchaseStatus::ALL {
+                let forward = matches!(
+                    (from, to),
+                    (PurchaseStatus::Fulfilled, PurchaseStatus::PartiallyRefunded)
+                        | (
+                            PurchaseStatus::Fulfilled | PurchaseStatus::PartiallyRefunded,
+                            PurchaseStatus::Refunded
+                        )
+                );
+                assert_eq!(from.may_become(to), forward, "{from:?} -> {to:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn no_status_returns_to_pending_and_every_unpaid_one_can_be_fulfilled() {
+        for status in PurchaseStatus::ALL {
+            assert!(!status.may_become(PurchaseStatus::Pending), "{status:?}");
+            assert_eq!(
+                status.may_become(PurchaseStatus::Fulfilled),
+                !status.is_paid(),
+                "{status:?}"
+            );
+            assert_eq!(PurchaseStatus::parse(status.as_str()), Some(status));
+        }
+    }
 }

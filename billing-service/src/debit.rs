@@ -21,7 +21,7 @@ use tollgate_auth::UserId;
 use crate::catalog::Tokens;
 use crate::config::Secret;
 use crate::db::{self, DbError};
-use crate::http::{ApiError, AppState};
+use crate::http::{self, ApiError, AppState};
 use crate::ledger::{self, LedgerError, NewDebit};
 
 /// Longest accepted idempotency key, in bytes.
@@ -92,6 +92,7 @@ pub async fn debit(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     authorize(state.service_token.as_ref(), &headers)?;
+    http::require_json(&headers)?;
     let body = body?;
     let request: DebitRequest = serde_json::from_slice(&body).map_err(DebitError::InvalidBody)?;
     let (user, amount) = validate(&request)?;

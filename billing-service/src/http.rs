@@ -12,11 +12,12 @@ use std::error::Error as _;
 use std::future::Future;
 use std::sync::Arc;
 
-use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, State};
 use axum::http::header::{AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
 use axum::http::request::Parts;
-use axum::http::{HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -48,6 +49,9 @@ const TRANSACTIONS_PAGE_MAX: u32 = 100;
 
 /// The OpenAPI 3 description of the public API, served as written.
 const OPENAPI_DOCUMENT: &str = include_str!("openapi.json");
+
+/// The media type of every error answer (RFC 9457).
+const PROBLEM_JSON: &str = "application/problem+json";
 
 // ===== State =====
 
@@ -152,7 +156,45 @@ pub fn router(state: AppState) -> Router {
         )
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(middleware::map_response(problem_for_bare_errors))
         .with_state(state)
+}
+
+/// The safety net under the error mapping: an error answer that did not come from
+/// [`ApiError`] (a rejection of an extractor no handler inspects, or one axum adds in a
+/// future version) keeps its status but gets a problem document, so that no client ever
+/// sees a `text/plain` error.
+async fn problem_for_bare_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_problem = response
+        .headers()
+        .get(CONTENT_TYPE)
+        .is_some_and(|value| value.as_bytes() == PROBLEM_JSON.as_bytes());
+    if is_problem || !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    ApiError::Rejected(status).into_response()
+}
+
+/// Checks that a request body is declared as JSON (`application/json` or any
+/// `application/*+json`, with or without parameters), as the routes that take one require.
+pub(crate) fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
+    let essence = headers
+        .get(CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.split(';').next())
+        .map(|essence| essence.trim().to_ascii_lowercase());
+    let is_json = essence.as_deref().is_some_and(|essence| {
+        essence == "application/json"
+            || essence
+                .strip_prefix("application/")
+                .is_some_and(|subtype| subtype.ends_with("+json"))
+    });
+    if is_json {
+        Ok(())
+    } else {
+        Err(ApiError::UnsupportedMediaType)
+    }
 }
 
 /// The internal listener's routes: `/healthz` and Prometheus `/metrics`.
@@ -253,11 +295,15 @@ async fn list_packages(State(state): State<AppState>) -> Response {
     Json(PackageList { packages }).into_response()
 }
 
-async fn get_package(State(state): State<AppState>, Path(id): Path<String>) -> Response {
+async fn get_package(
+    State(state): State<AppState>,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let Path(id) = id?;
     let catalog = &state.catalog;
     match catalog.get(&id) {
-        Some(package) => Json(PackageView::new(catalog, package)).into_response(),
-        None => ApiError::UnknownPackage(id).into_response(),
+        Some(package) => Ok(Json(PackageView::new(catalog, package)).into_response()),
+        None => Err(ApiError::UnknownPackage(id)),
     }
 }
 
@@ -353,8 +399,9 @@ async fn transactions(
 async fn payment(
     State(state): State<AppState>,
     AuthenticatedUser(user): AuthenticatedUser,
-    Path(session_id): Path<String>,
+    session_id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<PurchaseView>, ApiError> {
+    let Path(session_id) = session_id?;
     let session = SessionId::new(session_id);
     match db::find_owned_purchase(&state.pool, &session, &user).await? {
         Some(purchase) => Ok(Json(purchase)),
@@ -382,8 +429,17 @@ pub enum ApiError {
     UnknownPackage(String),
     #[error("{0}")]
     InvalidQuery(&'static str),
+    /// A path parameter could not be read, for example because it is not UTF-8.
+    #[error("path parameter is not valid: {}", .0.body_text())]
+    InvalidPath(#[from] PathRejection),
+    #[error("request body must be sent as application/json")]
+    UnsupportedMediaType,
     #[error(transparent)]
     Body(#[from] BytesRejection),
+    /// An error answer produced outside this type, passed through with its status; see
+    /// `problem_for_bare_errors`.
+    #[error("the request was rejected")]
+    Rejected(StatusCode),
     #[error(transparent)]
     Checkout(#[from] CheckoutError),
     #[error(transparent)]
@@ -403,7 +459,10 @@ impl ApiError {
             Self::NotFound | Self::UnknownPackage(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::InvalidQuery(_) => StatusCode::BAD_REQUEST,
+            Self::InvalidPath(rejection) => rejection.status(),
+            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Body(rejection) => rejection.status(),
+            Self::Rejected(status) => *status,
             Self::Checkout(error) => match error {
                 CheckoutError::InvalidBody(_) => StatusCode::BAD_REQUEST,
                 CheckoutError::UnknownPackage(_) => StatusCode::NOT_FOUND,
@@ -452,6 +511,9 @@ impl ApiError {
                 ("unknown-package", "Unknown package")
             }
             Self::InvalidQuery(_) => ("invalid-query", "Invalid query parameter"),
+            Self::InvalidPath(_) => ("invalid-path", "Invalid path parameter"),
+            Self::UnsupportedMediaType => ("unsupported-media-type", "Unsupported media type"),
+            Self::Rejected(_) => ("request-rejected", "Request rejected"),
             Self::Body(_)
             | Self::Checkout(CheckoutError::InvalidBody(_))
             | Self::Debit(DebitError::InvalidBody(_) | DebitError::InvalidRequest(_)) => {
@@ -572,10 +634,7 @@ impl IntoResponse for ApiError {
         };
         let mut response = (status, Json(problem)).into_response();
         let headers = response.headers_mut();
-        headers.insert(
-            CONTENT_TYPE,
-            HeaderValue::from_static("application/problem+json"),
-        );
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
         if status == StatusCode::UNAUTHORIZED {
             headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }

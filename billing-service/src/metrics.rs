@@ -28,6 +28,9 @@ pub enum WebhookOutcome {
     RefundUnmatched,
     /// A refund that cannot be applied (missing figures, other currency); recorded.
     RefundUnusable,
+    /// A refund whose charge amount or currency differs from what the purchase was paid;
+    /// recorded, nothing clawed back.
+    RefundMismatch,
     /// A type billing does not act on.
     Ignored,
     NotConfigured,
@@ -54,6 +57,7 @@ impl WebhookOutcome {
             Self::Refunded => "refunded",
             Self::RefundUnmatched => "refund_unmatched",
             Self::RefundUnusable => "refund_unusable",
+            Self::RefundMismatch => "refund_mismatch",
             Self::Ignored => "ignored",
             Self::NotConfigured => "not_configured",
             Self::BodyTooLarge => "body_too_large",

@@ -473,6 +473,7 @@ async fn write_grant(
             session_id: grant.session.clone(),
             user_id: grant.user.to_string(),
             tokens: grant.tokens,
+            amount_cents: grant.amount,
             currency: grant.currency.clone(),
         };
         clawback = settle_clawback(&mut transaction, &paid, payment_intent, event_id).await?;
@@ -540,9 +541,12 @@ async fn close(state: &AppState, event: &Event) -> Result<WebhookOutcome, Webhoo
 /// Applies `charge.refunded`: stores the charge's cumulative refunded amount, then claws
 /// back whatever share of the purchase's tokens is owed and not yet taken.
 ///
-/// A refund of a payment billing has not granted is stored and acknowledged; the grant,
-/// when it comes, settles it. The event id is recorded last, in the same transaction, so
-/// a duplicate is rolled back whole.
+/// The charge must be for exactly what the purchase was paid, in the same currency; one
+/// that is not is recorded as a mismatch, acknowledged, and neither stored nor clawed back
+/// (trusting its figures could take tokens the refund does not cover). A refund of a
+/// payment billing has not granted is stored and acknowledged; the grant, when it comes,
+/// checks and settles it. The event id is recorded last, in the same transaction, so a
+/// duplicate is rolled back whole.
 async fn refund(state: &AppState, event: &Event) -> Result<WebhookOutcome, WebhookError> {
     let charge = ChargeView::read(&event.data.object);
     let event_id = EventId::new(event.id.as_str());
@@ -562,8 +566,6 @@ async fn refund(state: &AppState, event: &Event) -> Result<WebhookOutcome, Webho
         return Ok(WebhookOutcome::RefundUnusable);
     };
     tracing::Span::current().record("stripe.payment_intent", payment_intent.as_str());
-
-    let mut transaction = db::begin(&state.pool, "begin a refund transaction").await?;
     let figures = ChargeRefund {
         payment_intent,
         charge_id,
@@ -571,42 +573,77 @@ async fn refund(state: &AppState, event: &Event) -> Result<WebhookOutcome, Webho
         amount_refunded: Cents(refunded),
         currency,
     };
-    db::upsert_charge_refund(&mut *transaction, &figures).await?;
 
+    // Claiming the refund record first is the transaction's opening write (see `db`).
+    let mut transaction = db::begin(&state.pool, "begin a refund transaction").await?;
+    db::claim_refund_record(&mut *transaction, payment_intent).await?;
     let purchase = db::find_paid_purchase(&mut *transaction, payment_intent).await?;
-    let (outcome, clawback) = match &purchase {
-        Some(purchase) => {
+    let mismatch = purchase
+        .as_ref()
+        .and_then(|purchase| charge_mismatch(purchase, figures.amount, currency));
+
+    let (outcome, clawback) = match (&purchase, &mismatch) {
+        (Some(_), Some(_)) => (WebhookOutcome::RefundMismatch, Tokens(0)),
+        (Some(purchase), None) => {
+            db::upsert_charge_refund(&mut *transaction, &figures).await?;
             let clawback =
                 settle_clawback(&mut transaction, purchase, payment_intent, &event_id).await?;
             (WebhookOutcome::Refunded, clawback)
         }
-        None => (WebhookOutcome::RefundUnmatched, Tokens(0)),
+        (None, _) => {
+            db::upsert_charge_refund(&mut *transaction, &figures).await?;
+            (WebhookOutcome::RefundUnmatched, Tokens(0))
+        }
     };
     let session = purchase.as_ref().map(|purchase| &purchase.session_id);
     let label = match outcome {
         WebhookOutcome::Refunded => "refunded",
+        WebhookOutcome::RefundMismatch => "refund_mismatch",
         _ => "refund_unmatched",
     };
-    if !db::record_event(
-        &mut *transaction,
-        &event_record(&event_id, event, session, label),
-    )
-    .await?
-    {
+    let mut record = event_record(&event_id, event, session, label);
+    record.detail = mismatch.as_deref();
+    if !db::record_event(&mut *transaction, &record).await? {
         return Ok(WebhookOutcome::DuplicateEvent);
     }
     db::commit(transaction, "commit a refund").await?;
 
-    if outcome == WebhookOutcome::RefundUnmatched {
-        tracing::warn!("refund for a payment billing has not granted; stored for later");
-    } else {
-        tracing::info!(ledger.tokens = -clawback.0, "refund applied");
+    match outcome {
+        WebhookOutcome::RefundUnmatched => {
+            tracing::warn!("refund for a payment billing has not granted; stored for later");
+        }
+        WebhookOutcome::RefundMismatch => {
+            tracing::warn!(
+                reason = mismatch.as_deref(),
+                "refunded charge does not match the purchase; nothing clawed back"
+            );
+        }
+        _ => tracing::info!(ledger.tokens = -clawback.0, "refund applied"),
     }
     Ok(outcome)
 }
 
-/// Claws back what a refunded purchase still owes, inside the caller's transaction, and
-/// returns the tokens taken now (0 when nothing is owed).
+/// Why a charge of `amount` in `currency` cannot be the payment of `purchase`, or `None`
+/// when it is.
+fn charge_mismatch(purchase: &PaidPurchase, amount: Cents, currency: &str) -> Option<String> {
+    if amount != purchase.amount_cents {
+        return Some(format!(
+            "charge amount {} differs from the {} paid",
+            amount.0, purchase.amount_cents.0
+        ));
+    }
+    if !currency.eq_ignore_ascii_case(&purchase.currency) {
+        return Some(format!(
+            "charge currency {currency:?} differs from {:?}",
+            purchase.currency
+        ));
+    }
+    None
+}
+
+/// Claws back what a refunded purchase still owes, inside the caller's transaction, moves
+/// the purchase to `partially_refunded` or `refunded`, and returns the tokens taken now (0
+/// when nothing is owed).
 ///
 /// What is owed in total follows the charge's cumulative refund, rounded down so that a
 /// partial refund never takes more than its share:
@@ -618,7 +655,9 @@ async fn refund(state: &AppState, event: &Event) -> Result<WebhookOutcome, Webho
 ///
 /// For 1,000 tokens bought for 500 cents, refunds of 200 then 500 cumulative cents take
 /// 400 then 600 more. A balance may go negative when the tokens were already spent; the
-/// clawback is booked anyway, so the ledger shows what is owed.
+/// clawback is booked anyway, so the ledger shows what is owed. A stored refund whose charge
+/// differs from the purchase's payment (possible when the refund arrived first) takes
+/// nothing.
 async fn settle_clawback(
     transaction: &mut sqlx::Transaction<'static, Backend>,
     purchase: &PaidPurchase,
@@ -634,19 +673,25 @@ async fn settle_clawback(
     if refund.amount_cents.0 <= 0 {
         return Ok(Tokens(0));
     }
-    if !refund.currency.eq_ignore_ascii_case(&purchase.currency) {
+    if let Some(reason) = charge_mismatch(purchase, refund.amount_cents, &refund.currency) {
         tracing::warn!(
-            refund.currency = refund.currency,
-            "refund currency differs from the purchase; nothing clawed back"
+            reason,
+            "stored refund does not match the purchase; nothing clawed back"
         );
         return Ok(Tokens(0));
     }
 
-    let owed_total = owed_clawback(
-        purchase.tokens,
-        refund.amount_cents,
-        refund.amount_refunded_cents,
-    );
+    let refunded = refund.amount_refunded_cents;
+    if refunded.0 > 0 {
+        let status = if refunded.0 >= refund.amount_cents.0 {
+            PurchaseStatus::Refunded
+        } else {
+            PurchaseStatus::PartiallyRefunded
+        };
+        db::set_session_status(&mut **transaction, &purchase.session_id, status).await?;
+    }
+
+    let owed_total = owed_clawback(purchase.tokens, refund.amount_cents, refunded);
     let already = ledger::clawed_back(&mut **transaction, &purchase.session_id).await?;
     let take_now = Tokens(owed_total.0 - already.0);
     if take_now.0 <= 0 {

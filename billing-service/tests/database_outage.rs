@@ -47,8 +47,8 @@ async fn grants_of(server: &TestServer, session: &str) -> (i64, i64) {
 }
 
 /// The purchase behind a paid delivery that arrives while the database is unavailable:
-/// held by a writer past the busy timeout (SQLite), or with billing's connection killed
-/// mid-transaction (Postgres).
+/// held by a writer past the busy timeout (SQLite), or refusing every connection after
+/// billing's were terminated (Postgres; killing a grant mid-transaction is the burst test's).
 async fn paid_delivery_during_an_outage_is_5xx_then_redelivery_grants_once(db: Db) {
     let (server, _stripe) = TestServer::start_with_stripe(db).await;
     let session = server.checkout("42", "starter").await;
@@ -56,7 +56,7 @@ async fn paid_delivery_during_an_outage_is_5xx_then_redelivery_grants_once(db: D
 
     let status = match db {
         Db::Sqlite => deliver_while_sqlite_is_locked(&server, &event).await,
-        Db::Postgres => deliver_while_postgres_kills_billing(&server, &event).await,
+        Db::Postgres => deliver_while_postgres_is_down(&server, &event).await,
     };
     assert!(status.is_server_error(), "{status}");
     assert_eq!(grants_of(&server, &session).await, (0, 0));
@@ -102,62 +102,41 @@ async fn deliver_while_sqlite_is_locked(server: &TestServer, event: &[u8]) -> St
     status
 }
 
-/// Blocks billing's grant on a table lock, terminates every other connection to the
-/// database (billing's included) while the grant waits inside its transaction, and returns
-/// the delivery's status.
-async fn deliver_while_postgres_kills_billing(server: &TestServer, event: &[u8]) -> StatusCode {
-    let mut admin = sqlx::PgConnection::connect(&server.database.url)
+/// Makes the database refuse new connections, terminates billing's, delivers, then lets
+/// connections in again. `ALLOW_CONNECTIONS false` holds for superusers too, so the pool
+/// cannot reconnect behind the test's back.
+async fn deliver_while_postgres_is_down(server: &TestServer, event: &[u8]) -> StatusCode {
+    // A database cannot refuse its own session, so the switch is thrown from the admin one.
+    let admin_url = common::postgres_admin_url().expect("the Postgres variant has an admin URL");
+    let mut admin = sqlx::PgConnection::connect(admin_url.as_str())
         .await
-        .expect("second connection");
-    sqlx::query("BEGIN")
+        .expect("admin connection");
+    let mut billing_db = sqlx::PgConnection::connect(&server.database.url)
+        .await
+        .expect("connection to billing's database");
+    let name: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&mut billing_db)
+        .await
+        .expect("database name");
+    drop(billing_db);
+    let allow =
+        |allowed: bool| format!("ALTER DATABASE \"{name}\" WITH ALLOW_CONNECTIONS {allowed}");
+    sqlx::query(&allow(false))
         .execute(&mut admin)
         .await
-        .expect("begin");
-    sqlx::query("LOCK TABLE stripe_events IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut admin)
-        .await
-        .expect("lock the event table");
-
-    let delivery = server.deliver_signed(event);
-    let killer = async {
-        wait_for_a_blocked_backend(&mut admin).await;
-        sqlx::query(
-            r"SELECT pg_terminate_backend(pid)
-              FROM pg_stat_activity
-              WHERE datname = current_database() AND pid <> pg_backend_pid()",
-        )
+        .expect("refuse connections");
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
+        .bind(&name)
         .execute(&mut admin)
         .await
         .expect("terminate billing's connections");
-        sqlx::query("ROLLBACK")
-            .execute(&mut admin)
-            .await
-            .expect("release the lock");
-    };
-    let (response, ()) = tokio::join!(delivery, killer);
-    response.status()
-}
 
-/// Waits until some other backend of this database waits on a lock: billing's grant, stuck
-/// behind the table lock.
-async fn wait_for_a_blocked_backend(admin: &mut sqlx::PgConnection) {
-    for _ in 0..500 {
-        let blocked: i64 = sqlx::query_scalar(
-            r"SELECT COUNT(*)
-              FROM pg_stat_activity
-              WHERE datname = current_database()
-                AND pid <> pg_backend_pid()
-                AND wait_event_type = 'Lock'",
-        )
-        .fetch_one(&mut *admin)
+    let status = server.deliver_signed(event).await.status();
+    sqlx::query(&allow(true))
+        .execute(&mut admin)
         .await
-        .expect("read pg_stat_activity");
-        if blocked > 0 {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("billing's grant never waited on the lock");
+        .expect("accept connections again");
+    status
 }
 
 /// Postgres only: billing's connections are terminated repeatedly during a burst of paid

@@ -21,6 +21,7 @@ both_backends!(
     delivery_during_a_held_write_lock_is_granted_or_retried,
     unknown_fields_versions_and_enum_values_still_grant,
     rejected_deliveries_leave_no_trace,
+    fulfilled_purchase_never_moves_back_whatever_arrives_later,
 );
 
 const ASYNC_SUCCEEDED: &str = "event_checkout_session_async_payment_succeeded.json";
@@ -224,4 +225,76 @@ async fn rejected_deliveries_leave_no_trace(db: Db) {
         StatusCode::OK
     );
     assert_eq!(server.assert_ledger_balanced("42").await, 1_000);
+}
+
+async fn fulfilled_purchase_never_moves_back_whatever_arrives_later(db: Db) {
+    let (server, _stripe) = TestServer::start_with_stripe(db).await;
+    let session = server.checkout("42", "starter").await;
+    let intent = unique("pi");
+    let status = || async {
+        let payment: Value = server
+            .payment("42", &session)
+            .await
+            .json()
+            .await
+            .expect("JSON");
+        payment["status"].as_str().map(str::to_owned)
+    };
+    let e1 = completed(&unique("evt"), &session, &intent);
+    assert_eq!(server.deliver_signed(&e1).await.status(), StatusCode::OK);
+    assert_eq!(status().await.as_deref(), Some("fulfilled"));
+
+    // A second paid event for the session, for another amount, then in another currency;
+    // then the session's expiry and a failed delayed payment.
+    let session_event_with = |fixture: &str, edit: &dyn Fn(&mut Value)| {
+        event_from(fixture, &unique("evt"), |object| {
+            object["id"] = json!(session);
+            object["payment_intent"] = json!(intent);
+            object["metadata"]["package_id"] = json!("starter");
+            edit(object);
+        })
+    };
+    let completed_fixture = "event_checkout_session_completed.json";
+    let expired_fixture = "event_checkout_session_expired.json";
+    let later = [
+        session_event_with(completed_fixture, &|object| {
+            object["amount_total"] = json!(400)
+        }),
+        session_event_with(completed_fixture, &|object| {
+            object["currency"] = json!("eur")
+        }),
+        session_event_with(expired_fixture, &|_| {}),
+        serde_json::to_vec(&{
+            let mut event: Value =
+                serde_json::from_slice(&session_event_with(expired_fixture, &|_| {}))
+                    .expect("JSON");
+            event["type"] = json!("checkout.session.async_payment_failed");
+            event
+        })
+        .expect("JSON"),
+    ];
+    for event in &later {
+        assert_eq!(server.deliver_signed(event).await.status(), StatusCode::OK);
+        assert_eq!(status().await.as_deref(), Some("fulfilled"));
+    }
+    let metrics = server.metrics.render();
+    assert!(metrics.contains(r#"billing_webhook_deliveries_total{outcome="mismatch"} 2"#));
+    assert!(metrics.contains(r#"billing_webhook_deliveries_total{outcome="closed"} 2"#));
+
+    // Refunded in full, the purchase stays refunded through the same events.
+    let refund = common::refunded(&unique("evt"), &intent, 500);
+    assert_eq!(
+        server.deliver_signed(&refund).await.status(),
+        StatusCode::OK
+    );
+    assert_eq!(status().await.as_deref(), Some("refunded"));
+    for event in &later {
+        let mut again: Value = serde_json::from_slice(event).expect("JSON");
+        again["id"] = json!(unique("evt"));
+        let again = serde_json::to_vec(&again).expect("JSON");
+        let response = server.deliver_signed(&again).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(status().await.as_deref(), Some("refunded"));
+    }
+    assert_eq!(server.assert_ledger_balanced("42").await, 0);
 }

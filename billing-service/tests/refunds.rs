@@ -12,6 +12,8 @@ both_backends!(
     refund_of_an_unknown_payment_is_acknowledged_and_stored,
     refund_after_spending_leaves_a_negative_balance,
     concurrent_refund_events_claw_back_exactly_once,
+    refund_of_another_amount_or_currency_claws_back_nothing,
+    purchase_status_follows_the_cumulative_refund,
 );
 
 /// Delivers `body` and expects 200.
@@ -125,4 +127,65 @@ async fn concurrent_refund_events_claw_back_exactly_once(db: Db) {
         assert_eq!(response.status(), StatusCode::OK);
     }
     assert_eq!(server.assert_ledger_balanced("42").await, 0);
+}
+
+async fn refund_of_another_amount_or_currency_claws_back_nothing(db: Db) {
+    let server = TestServer::start(db, Options::default()).await;
+    let (session, intent) = (unique("cs_test"), unique("pi"));
+    deliver_ok(&server, &completed(&unique("evt"), &session, &intent)).await;
+
+    // The purchase was paid 500 usd cents; these charges are not that payment.
+    let doubled = common::event_from("event_charge_refunded.json", &unique("evt"), |object| {
+        object["payment_intent"] = serde_json::Value::from(intent.as_str());
+        object["amount"] = serde_json::Value::from(1_000);
+        object["amount_refunded"] = serde_json::Value::from(1_000);
+    });
+    let in_euros = common::event_from("event_charge_refunded.json", &unique("evt"), |object| {
+        object["payment_intent"] = serde_json::Value::from(intent.as_str());
+        object["amount"] = serde_json::Value::from(500);
+        object["amount_refunded"] = serde_json::Value::from(500);
+        object["currency"] = serde_json::Value::from("eur");
+    });
+    deliver_ok(&server, &doubled).await;
+    deliver_ok(&server, &in_euros).await;
+    assert_eq!(server.assert_ledger_balanced("42").await, 1_000);
+    assert_eq!(payment_status(&server, &session).await, "fulfilled");
+    let metrics = server.metrics.render();
+    assert!(metrics.contains(r#"billing_webhook_deliveries_total{outcome="refund_mismatch"} 2"#));
+
+    // The mismatching figures were not kept: a genuine partial refund takes its share only.
+    deliver_ok(&server, &refunded(&unique("evt"), &intent, 200)).await;
+    assert_eq!(server.assert_ledger_balanced("42").await, 600);
+}
+
+async fn purchase_status_follows_the_cumulative_refund(db: Db) {
+    let server = TestServer::start(db, Options::default()).await;
+    let (session, intent) = (unique("cs_test"), unique("pi"));
+    deliver_ok(&server, &completed(&unique("evt"), &session, &intent)).await;
+    assert_eq!(payment_status(&server, &session).await, "fulfilled");
+
+    deliver_ok(&server, &refunded(&unique("evt"), &intent, 200)).await;
+    assert_eq!(
+        payment_status(&server, &session).await,
+        "partially_refunded"
+    );
+    deliver_ok(&server, &refunded(&unique("evt"), &intent, 500)).await;
+    assert_eq!(payment_status(&server, &session).await, "refunded");
+    // The partial refund's event arriving late does not move it back.
+    deliver_ok(&server, &refunded(&unique("evt"), &intent, 200)).await;
+    assert_eq!(payment_status(&server, &session).await, "refunded");
+
+    // A refund that arrives before the grant is reflected once the grant lands.
+    let (early, early_intent) = (unique("cs_test"), unique("pi"));
+    deliver_ok(&server, &refunded(&unique("evt"), &early_intent, 500)).await;
+    deliver_ok(&server, &completed(&unique("evt"), &early, &early_intent)).await;
+    assert_eq!(payment_status(&server, &early).await, "refunded");
+}
+
+/// The `status` of user 42's purchase `session`, as `GET /api/v1/stripe/payments` shows it.
+async fn payment_status(server: &TestServer, session: &str) -> String {
+    let response = server.payment("42", session).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let body: serde_json::Value = response.json().await.expect("JSON");
+    body["status"].as_str().expect("a status").to_owned()
 }

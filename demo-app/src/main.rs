@@ -49,13 +49,14 @@ async fn main() -> std::io::Result<()> {
         .await
 }
 
-/// Pretends to generate a map and says who the gateway said the caller was.
+/// Pretends to generate a map, and says whether an `Authorization` header reached it (the
+/// gateway forwards it; verifying it is the app's business, not this stand-in's).
 async fn generate(State(counters): State<Arc<Counters>>, headers: HeaderMap) -> Json<Value> {
     let number = counters.generations.fetch_add(1, Ordering::Relaxed) + 1;
-    let signed_in = headers.contains_key("authorization");
+    let authorization_forwarded = headers.contains_key("authorization");
     Json(json!({
         "map": format!("map-{number}"),
         "size": [64, 64],
-        "signed_in": signed_in,
+        "authorization_forwarded": authorization_forwarded,
     }))
 }

@@ -57,29 +57,29 @@ struct RawConfig {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawServer {
-    listen: String,
-    admin_listen: String,
-    threads: usize,
+    listen: Spanned<String>,
+    admin_listen: Spanned<String>,
+    threads: Spanned<usize>,
     health_paths: Vec<String>,
     blocked_path_prefixes: Vec<String>,
-    body_read_timeout_secs: u64,
-    body_timeout_secs: u64,
-    max_header_bytes: usize,
-    max_body_bytes: u64,
+    body_read_timeout_secs: Spanned<u64>,
+    body_timeout_secs: Spanned<u64>,
+    max_header_bytes: Spanned<usize>,
+    max_body_bytes: Spanned<u64>,
 }
 
 impl Default for RawServer {
     fn default() -> Self {
         Self {
-            listen: "127.0.0.1:8080".into(),
-            admin_listen: "127.0.0.1:9090".into(),
-            threads: 2,
+            listen: Spanned::new(0..0, "127.0.0.1:8080".into()),
+            admin_listen: Spanned::new(0..0, "127.0.0.1:9090".into()),
+            threads: Spanned::new(0..0, 2),
             health_paths: vec!["/healthz".into()],
             blocked_path_prefixes: vec!["/internal/".into()],
-            body_read_timeout_secs: 10,
-            body_timeout_secs: 30,
-            max_header_bytes: 16 * 1024,
-            max_body_bytes: 10 * 1024 * 1024,
+            body_read_timeout_secs: Spanned::new(0..0, 10),
+            body_timeout_secs: Spanned::new(0..0, 30),
+            max_header_bytes: Spanned::new(0..0, 16 * 1024),
+            max_body_bytes: Spanned::new(0..0, 10 * 1024 * 1024),
         }
     }
 }
@@ -512,7 +512,18 @@ impl GatewayConfig {
                 .span()
                 .map(|span| position(source, &span))
                 .unwrap_or_default();
-            format!("{at}{}", error.message())
+            // Some parse errors carry their explanation only in the rendered text.
+            let message = match error.message() {
+                "" => error
+                    .to_string()
+                    .lines()
+                    .rev()
+                    .find(|line| !line.trim().is_empty())
+                    .unwrap_or("invalid TOML")
+                    .to_owned(),
+                message => message.to_owned(),
+            };
+            format!("{at}{message}")
         })?;
         Validator { source, env }.validate(raw)
     }
@@ -586,9 +597,14 @@ impl Validator<'_> {
 
         let mut routes = Vec::new();
         for route in raw.routes {
-            routes.push(self.validate_route(route, &upstreams, raw.server.max_body_bytes)?);
+            let default_max_body = *raw.server.max_body_bytes.get_ref();
+            routes.push(self.validate_route(route, &upstreams, default_max_body)?);
         }
         self.check_path(&raw.webhook.path, "webhook.path")?;
+        if crate::routing::normalise(raw.webhook.path.get_ref()) != *raw.webhook.path.get_ref() {
+            let message = "webhook.path must be a normalised path (no //, . or .. segments)";
+            return self.fail(raw.webhook.path.span(), message);
+        }
 
         let mut names = HashSet::new();
         let mut limits = Vec::new();
@@ -601,18 +617,56 @@ impl Validator<'_> {
         }
 
         let server = raw.server;
-        if server.threads == 0 {
-            return Err("server.threads must be at least 1".into());
+        for (address, key) in [
+            (&server.listen, "listen"),
+            (&server.admin_listen, "admin_listen"),
+        ] {
+            if address.get_ref().parse::<SocketAddr>().is_err() {
+                let message = format!("server.{key} must be IP:port, got {:?}", address.get_ref());
+                return self.fail(address.span(), message);
+            }
+        }
+        let positive = [
+            (
+                server.threads.span(),
+                *server.threads.get_ref() as u64,
+                "threads",
+            ),
+            (
+                server.body_read_timeout_secs.span(),
+                *server.body_read_timeout_secs.get_ref(),
+                "body_read_timeout_secs",
+            ),
+            (
+                server.body_timeout_secs.span(),
+                *server.body_timeout_secs.get_ref(),
+                "body_timeout_secs",
+            ),
+            (
+                server.max_header_bytes.span(),
+                *server.max_header_bytes.get_ref() as u64,
+                "max_header_bytes",
+            ),
+            (
+                server.max_body_bytes.span(),
+                *server.max_body_bytes.get_ref(),
+                "max_body_bytes",
+            ),
+        ];
+        for (span, value, key) in positive {
+            if value == 0 {
+                return self.fail(span, format!("server.{key} must be at least 1"));
+            }
         }
         Ok(GatewayConfig {
-            listen: server.listen,
-            admin_listen: server.admin_listen,
-            threads: server.threads,
+            listen: server.listen.into_inner(),
+            admin_listen: server.admin_listen.into_inner(),
+            threads: server.threads.into_inner(),
             health_paths: server.health_paths,
             blocked_path_prefixes: server.blocked_path_prefixes,
-            body_read_timeout_secs: server.body_read_timeout_secs.max(1),
-            body_timeout_secs: server.body_timeout_secs.max(1),
-            max_header_bytes: server.max_header_bytes,
+            body_read_timeout_secs: server.body_read_timeout_secs.into_inner(),
+            body_timeout_secs: server.body_timeout_secs.into_inner(),
+            max_header_bytes: server.max_header_bytes.into_inner(),
             max_tracked_clients: raw.store.max_tracked_clients.max(1),
             store: self.validate_store(raw.store)?,
             routes,
@@ -900,10 +954,22 @@ mod tests {
             ("quantity = 3", "quantity = 0"),
             ("window_secs = 86400", "window_secs = 0"),
             ("quantity = 3", "quantity ="),
+            ("threads = 2", "threads = 0"),
+            ("body_read_timeout_secs = 10", "body_read_timeout_secs = 0"),
+            ("listen = \"127.0.0.1:8080\"", "listen = \"garbage\""),
+            (
+                "path = \"/api/v1/stripe/webhook\"",
+                "path = \"/api/v1/stripe/../generate\"",
+            ),
         ] {
             assert!(SHIPPED.contains(from));
             let error = parse(&SHIPPED.replacen(from, to, 1)).unwrap_err();
             assert!(error.starts_with("line "), "{to}: {error}");
+            let (_, message) = error.split_once(": ").unwrap();
+            assert!(
+                !message.trim().is_empty(),
+                "{to}: the error explains nothing"
+            );
         }
     }
 

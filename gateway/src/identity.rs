@@ -152,6 +152,12 @@ impl Identifier {
         }
     }
 
+    /// The resolved client address and whether an untrusted peer's forwarding header was
+    /// ignored; see [`Identifier::identify`].
+    pub fn client_address(&self, peer: IpAddr, headers: &HeaderMap) -> (IpAddr, bool) {
+        self.resolve_address(peer, headers)
+    }
+
     /// The client address: the peer, or for a trusted peer the first untrusted hop of the
     /// forwarding header read from the right. A hop that does not parse ends the walk at the
     /// last address we could vouch for.

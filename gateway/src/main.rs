@@ -152,6 +152,12 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         graceful_shutdown_timeout_seconds: Some(1),
         ..ServerConf::default()
     };
+    // Pingora retries a busy address forever in the background while the admin listener
+    // answers healthy; fail at start instead, with the reason.
+    for address in [&listen, &admin_listen] {
+        std::net::TcpListener::bind(address.as_str())
+            .with_context(|| format!("cannot listen on {address}"))?;
+    }
     let mut server = Server::new_with_opt_and_conf(None, server_conf);
     server.bootstrap();
 

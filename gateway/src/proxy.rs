@@ -111,6 +111,13 @@ impl ProxyHttp for Gateway {
         ctx.normalised_path = routing::normalise(session.req_header().uri.path());
         let path = ctx.normalised_path.clone();
 
+        if head_size(session.req_header()) > config.max_header_bytes {
+            let limit = config.max_header_bytes;
+            let detail = format!("request headers may be at most {limit} bytes");
+            let title = "Request Header Fields Too Large";
+            respond_problem(session, ctx, 431, title, &detail).await?;
+            return Ok(true);
+        }
         if config.health_paths.contains(&path) {
             ctx.label = "health";
             respond(session, 200, "text/plain", &[], b"ok\n").await?;
@@ -131,22 +138,18 @@ impl ProxyHttp for Gateway {
         ctx.route = Some(route.clone());
         ctx.body_limit = route.max_body_bytes;
         ctx.cors_origin = allowed_origin(route.cors.as_ref(), &session.req_header().headers);
-
-        if head_size(session.req_header()) > config.max_header_bytes {
-            let detail = format!(
-                "request headers may be at most {} bytes",
-                config.max_header_bytes
-            );
-            respond_problem(
-                session,
-                ctx,
-                431,
-                "Request Header Fields Too Large",
-                &detail,
-            )
-            .await?;
-            return Ok(true);
+        // Whatever happens next, the upstream learns the address we resolved, never the
+        // client's own forwarding claim.
+        let peer = peer_ip(session);
+        let (client_ip, forwarding_ignored) = generation
+            .identifier
+            .client_address(peer, &session.req_header().headers);
+        ctx.client_ip = Some(client_ip);
+        if forwarding_ignored {
+            self.metrics.forwarding_ignored.inc();
+            tracing::debug!("forwarding header from an untrusted peer ignored");
         }
+
         if method == "POST" && path == config.webhook_path {
             // The Stripe webhook skips identity and limits entirely; only the ceiling applies.
             ctx.body_limit = config.webhook_max_body_bytes;
@@ -166,15 +169,9 @@ impl ProxyHttp for Gateway {
             return Ok(false);
         }
 
-        let peer = peer_ip(session);
         let identified = generation
             .identifier
             .identify(peer, &session.req_header().headers);
-        ctx.client_ip = Some(identified.client_ip);
-        if identified.forwarding_ignored {
-            self.metrics.forwarding_ignored.inc();
-            tracing::debug!("forwarding header from an untrusted peer ignored");
-        }
         let caller = identified.caller;
         if let Caller::Anonymous {
             rejected_token: true,
@@ -308,7 +305,16 @@ impl ProxyHttp for Gateway {
             for name in CORS_HEADERS {
                 response.remove_header(name);
             }
+            let varies_by_origin = response.headers.get_all("vary").iter().any(|value| {
+                let value = value.to_str().unwrap_or_default();
+                value
+                    .split(',')
+                    .any(|field| field.trim().eq_ignore_ascii_case("origin"))
+            });
             for (name, value) in cors_headers(ctx.cors(), ctx.cors_origin.as_deref()) {
+                if name == "vary" && varies_by_origin {
+                    continue;
+                }
                 response.append_header(name, value)?;
             }
         }
@@ -333,10 +339,13 @@ impl ProxyHttp for Gateway {
             _ => 500,
         };
         if status > 0 && session.response_written().is_none() {
-            let title = http::StatusCode::from_u16(status)
-                .ok()
-                .and_then(|code| code.canonical_reason())
-                .unwrap_or("Error");
+            let title = match status {
+                413 => "Content Too Large",
+                _ => http::StatusCode::from_u16(status)
+                    .ok()
+                    .and_then(|code| code.canonical_reason())
+                    .unwrap_or("Error"),
+            };
             let detail = match status {
                 408 => "the request body was not received in time",
                 413 => "the request body is larger than this route accepts",
@@ -514,15 +523,17 @@ fn allowed_origin(cors: Option<&CorsConfig>, headers: &HeaderMap) -> Option<Stri
     allowed.then(|| origin.to_owned())
 }
 
-/// CORS headers for an actual response: none unless the origin is allowed.
+/// CORS headers for an actual response on a route with a CORS policy: `Vary: Origin` always
+/// (the answer depends on it), the rest only for an allowed origin.
 fn cors_headers(cors: Option<&CorsConfig>, origin: Option<&str>) -> Vec<(&'static str, String)> {
-    let (Some(cors), Some(origin)) = (cors, origin) else {
+    let Some(cors) = cors else {
         return Vec::new();
     };
-    let mut headers = vec![
-        ("access-control-allow-origin", origin.to_owned()),
-        ("vary", "Origin".to_owned()),
-    ];
+    let vary = ("vary", "Origin".to_owned());
+    let Some(origin) = origin else {
+        return vec![vary];
+    };
+    let mut headers = vec![("access-control-allow-origin", origin.to_owned()), vary];
     if !cors.expose_headers.is_empty() {
         headers.push((
             "access-control-expose-headers",
@@ -595,7 +606,14 @@ async fn respond_problem(
     title: &str,
     detail: &str,
 ) -> Result<()> {
-    let headers = cors_headers(ctx.cors(), ctx.cors_origin.as_deref());
+    // An admitted request that fails later (a 502, a body over the ceiling) still reports
+    // where its limits stand.
+    let mut headers = ctx
+        .decision
+        .as_ref()
+        .map(Decision::headers)
+        .unwrap_or_default();
+    headers.extend(cors_headers(ctx.cors(), ctx.cors_origin.as_deref()));
     let body = problem(status, title, detail);
     respond(session, status, "application/problem+json", &headers, &body).await
 }

@@ -458,3 +458,32 @@ async fn internal_apis_are_never_routed() {
     }
     assert!(stack.upstream.requests().is_empty());
 }
+
+#[tokio::test]
+async fn upstream_failures_still_report_the_limit() {
+    let extra = r#"
+[upstreams.down]
+address = "127.0.0.1:9"
+
+[[routes]]
+name = "down"
+path_prefix = "/test/down"
+upstream = "down"
+
+[[limits]]
+name = "down-limit"
+path_prefix = "/test/down"
+applies_to = "everyone"
+quantity = 2
+window_secs = 60
+"#;
+    let stack = stack_with(shipped_config_with(extra)).await;
+    let client = client_from([127, 0, 59, 2]);
+    let failed = client.post(stack.url("/test/down")).send().await.unwrap();
+    assert_eq!(failed.status(), 502);
+    assert_eq!(
+        header_values(&failed, "content-type"),
+        ["application/problem+json"]
+    );
+    assert_eq!(header_values(&failed, "x-ratelimit-remaining"), ["1"]);
+}

@@ -107,6 +107,9 @@ struct Shared {
     metrics: Arc<Metrics>,
     /// Wakes the supervisor when the breaker opens.
     wake: Arc<Notify>,
+    /// Whether "unreachable since start" has been logged; the breaker starts open, so no
+    /// opening is logged for it.
+    announced_unreachable: std::sync::atomic::AtomicBool,
     /// Tests set this to decide on the caller's `now_ms`, as the memory store does, so both
     /// stores can be driven by one fake clock. The gateway always uses Redis's clock.
     #[cfg(test)]
@@ -143,6 +146,7 @@ impl RedisStore {
             },
             metrics,
             wake: Arc::new(Notify::new()),
+            announced_unreachable: std::sync::atomic::AtomicBool::new(false),
             #[cfg(test)]
             caller_clock: std::sync::atomic::AtomicBool::new(false),
         });
@@ -328,6 +332,18 @@ async fn supervise(store: Weak<Shared>) {
             Err(error) => {
                 shared.breaker.state.store(OPEN, Ordering::Release);
                 shared.metrics.store_breaker_state.set(i64::from(OPEN));
+                shared
+                    .metrics
+                    .store_errors
+                    .with_label_values(&[error.kind()])
+                    .inc();
+                let never_connected = shared.connection.load().is_none();
+                if never_connected && !shared.announced_unreachable.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        store.error = %error,
+                        "redis store unreachable since start; limits follow their failure policy"
+                    );
+                }
                 tracing::debug!(store.error = %error, "redis probe failed");
                 drop(shared);
                 tokio::time::sleep(cooldown).await;
