@@ -233,7 +233,9 @@ def chart(results):
             label = result["setup"].replace('"', "")
             handle.write(f'"{label}" {result["requests_per_sec"]:.0f}\n')
     script = f"""
-set terminal pngcairo size 1100,520
+set terminal pngcairo size 1200,560 noenhanced
+set bmargin 9
+set rmargin 24
 set output '{OUT / "report.png"}'
 set title 'Requests per second, one proxy core (higher is better)'
 set style fill solid 0.8
