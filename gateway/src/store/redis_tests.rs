@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::tests::{client, limit as window};
 use super::*;
 use crate::metrics::Metrics;
 
@@ -12,31 +13,6 @@ const REDIS_URL: &str = "redis://127.0.0.1:6379/9";
 
 /// An even epoch second, far from zero.
 const T0: u64 = 1_700_000_000_000;
-
-fn client(n: u8) -> ClientKey {
-    let identity = crate::identity::IdentityKey::new(b"redis-tests".to_vec());
-    let config = crate::config::IdentityConfig {
-        trusted_proxies: Vec::new(),
-        forwarded_header: crate::config::ForwardedHeader::XForwardedFor,
-        ipv6_prefix: 64,
-        fingerprint_header: None,
-    };
-    let address = std::net::IpAddr::from([198, 51, 100, n]);
-    crate::identity::Identifier::new(identity, None, config)
-        .identify(address, &http::HeaderMap::new())
-        .caller
-        .key()
-}
-
-fn window(name: &str, quantity: u64, window_ms: u64, algorithm: Algorithm) -> Window {
-    Window {
-        name: name.into(),
-        quantity,
-        window_ms,
-        algorithm,
-        variant: 0,
-    }
-}
 
 /// A Redis store under `prefix`, connected and ready.
 async fn redis_store(prefix: &str) -> RedisStore {
@@ -210,7 +186,7 @@ async fn same_scenarios_give_the_same_verdicts_on_memory_and_redis() {
 
     for (index, (name, windows, steps)) in scenarios().into_iter().enumerate() {
         let memory = MemoryStore::default();
-        let who = client(index as u8);
+        let who = client(index as u32);
         let mut outcomes = Vec::new();
         for (number, step) in steps.iter().enumerate() {
             let now = T0 + step.at_ms;

@@ -12,7 +12,7 @@ const DAY_MS: u64 = 86_400_000;
 const EPOCH_T: u64 = 1_700_000_000_000;
 
 /// The key of the n-th anonymous client address, counting from 192.0.2.0.
-fn client(n: u32) -> ClientKey {
+pub(super) fn client(n: u32) -> ClientKey {
     let config = IdentityConfig {
         trusted_proxies: Vec::new(),
         forwarded_header: ForwardedHeader::XForwardedFor,
@@ -27,7 +27,7 @@ fn client(n: u32) -> ClientKey {
         .key()
 }
 
-fn limit(name: &str, quantity: u64, window_ms: u64, algorithm: Algorithm) -> Window {
+pub(super) fn limit(name: &str, quantity: u64, window_ms: u64, algorithm: Algorithm) -> Window {
     Window {
         name: name.into(),
         quantity,
