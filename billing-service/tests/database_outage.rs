@@ -25,24 +25,25 @@ const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Grants recorded for `session`: ledger rows and `granted` events. Both must be 0 or 1
 /// together; one without the other would be a half-applied grant.
 async fn grants_of(server: &TestServer, session: &str) -> (i64, i64) {
-    let rows: i64 = sqlx::query_scalar(
+    let count = |query: &'static str| async move {
+        sqlx::query_scalar::<_, i64>(query)
+            .bind(session)
+            .fetch_one(&server.pool)
+            .await
+            .expect("count grants")
+    };
+    let rows = count(
         r"SELECT COUNT(*)
           FROM ledger_transactions
           WHERE stripe_session_id = $1 AND reason = 'purchase'",
     )
-    .bind(session)
-    .fetch_one(&server.pool)
-    .await
-    .expect("count ledger rows");
-    let events: i64 = sqlx::query_scalar(
+    .await;
+    let events = count(
         r"SELECT COUNT(*)
           FROM stripe_events
           WHERE session_id = $1 AND outcome = 'granted'",
     )
-    .bind(session)
-    .fetch_one(&server.pool)
-    .await
-    .expect("count granted events");
+    .await;
     (rows, events)
 }
 

@@ -30,14 +30,7 @@ async fn recorded_purchase_is_granted_once_whatever_events_arrive(db: Db) {
     let (server, _stripe) = TestServer::start_with_stripe(db).await;
     let session = server.checkout("42", "starter").await;
     let intent = unique("pi");
-    let state = |body: Value| body["status"].as_str().map(str::to_owned);
-    let payment: Value = server
-        .payment("42", &session)
-        .await
-        .json()
-        .await
-        .expect("JSON");
-    assert_eq!(state(payment).as_deref(), Some("open"));
+    assert_eq!(server.payment_status("42", &session).await, "open");
 
     let e1 = completed("evt_e1", &session, &intent);
     assert_eq!(server.deliver_signed(&e1).await.status(), StatusCode::OK);
@@ -69,13 +62,7 @@ async fn recorded_purchase_is_granted_once_whatever_events_arrive(db: Db) {
     assert_eq!(rows[0]["reason"], "purchase");
     assert_eq!(rows[0]["stripe_event_id"], "evt_e1");
     assert_eq!(rows[0]["stripe_session_id"], session.as_str());
-    let payment: Value = server
-        .payment("42", &session)
-        .await
-        .json()
-        .await
-        .expect("JSON");
-    assert_eq!(state(payment).as_deref(), Some("fulfilled"));
+    assert_eq!(server.payment_status("42", &session).await, "fulfilled");
 }
 
 async fn async_success_before_completion_grants_once(db: Db) {
@@ -231,15 +218,7 @@ async fn fulfilled_purchase_never_moves_back_whatever_arrives_later(db: Db) {
     let (server, _stripe) = TestServer::start_with_stripe(db).await;
     let session = server.checkout("42", "starter").await;
     let intent = unique("pi");
-    let status = || async {
-        let payment: Value = server
-            .payment("42", &session)
-            .await
-            .json()
-            .await
-            .expect("JSON");
-        payment["status"].as_str().map(str::to_owned)
-    };
+    let status = || async { Some(server.payment_status("42", &session).await) };
     let e1 = completed(&unique("evt"), &session, &intent);
     assert_eq!(server.deliver_signed(&e1).await.status(), StatusCode::OK);
     assert_eq!(status().await.as_deref(), Some("fulfilled"));

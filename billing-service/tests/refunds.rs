@@ -149,7 +149,7 @@ async fn refund_of_another_amount_or_currency_claws_back_nothing(db: Db) {
     deliver_ok(&server, &doubled).await;
     deliver_ok(&server, &in_euros).await;
     assert_eq!(server.assert_ledger_balanced("42").await, 1_000);
-    assert_eq!(payment_status(&server, &session).await, "fulfilled");
+    assert_eq!(server.payment_status("42", &session).await, "fulfilled");
     let metrics = server.metrics.render();
     assert!(metrics.contains(r#"billing_webhook_deliveries_total{outcome="refund_mismatch"} 2"#));
 
@@ -162,30 +162,22 @@ async fn purchase_status_follows_the_cumulative_refund(db: Db) {
     let server = TestServer::start(db, Options::default()).await;
     let (session, intent) = (unique("cs_test"), unique("pi"));
     deliver_ok(&server, &completed(&unique("evt"), &session, &intent)).await;
-    assert_eq!(payment_status(&server, &session).await, "fulfilled");
+    assert_eq!(server.payment_status("42", &session).await, "fulfilled");
 
     deliver_ok(&server, &refunded(&unique("evt"), &intent, 200)).await;
     assert_eq!(
-        payment_status(&server, &session).await,
+        server.payment_status("42", &session).await,
         "partially_refunded"
     );
     deliver_ok(&server, &refunded(&unique("evt"), &intent, 500)).await;
-    assert_eq!(payment_status(&server, &session).await, "refunded");
+    assert_eq!(server.payment_status("42", &session).await, "refunded");
     // The partial refund's event arriving late does not move it back.
     deliver_ok(&server, &refunded(&unique("evt"), &intent, 200)).await;
-    assert_eq!(payment_status(&server, &session).await, "refunded");
+    assert_eq!(server.payment_status("42", &session).await, "refunded");
 
     // A refund that arrives before the grant is reflected once the grant lands.
     let (early, early_intent) = (unique("cs_test"), unique("pi"));
     deliver_ok(&server, &refunded(&unique("evt"), &early_intent, 500)).await;
     deliver_ok(&server, &completed(&unique("evt"), &early, &early_intent)).await;
-    assert_eq!(payment_status(&server, &early).await, "refunded");
-}
-
-/// The `status` of user 42's purchase `session`, as `GET /api/v1/stripe/payments` shows it.
-async fn payment_status(server: &TestServer, session: &str) -> String {
-    let response = server.payment("42", session).await;
-    assert_eq!(response.status(), StatusCode::OK);
-    let body: serde_json::Value = response.json().await.expect("JSON");
-    body["status"].as_str().expect("a status").to_owned()
+    assert_eq!(server.payment_status("42", &early).await, "refunded");
 }

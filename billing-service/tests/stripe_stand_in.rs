@@ -6,7 +6,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::stripe::{Fault, EXPIRES_AT_MAX_SECS, EXPIRES_AT_MIN_SECS};
+use common::stripe::{Fault, EXPIRES_AT_MAX_SECS, EXPIRES_AT_MIN_SECS, REQUIRED};
 use common::{read_shared, StripeStandIn};
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -121,16 +121,7 @@ async fn captured_stripe_python_request_opens_a_session_shaped_like_stripes_fixt
 #[tokio::test]
 async fn each_missing_required_field_is_refused_naming_it() {
     let (stripe, expires_at) = frozen_stand_in().await;
-    let required = [
-        "mode",
-        "line_items[0][price_data][currency]",
-        "line_items[0][price_data][unit_amount]",
-        "line_items[0][price_data][product_data][name]",
-        "line_items[0][quantity]",
-        "success_url",
-        "cancel_url",
-    ];
-    for field in required {
+    for &field in REQUIRED {
         for edit in [None, Some("")] {
             let response = post(&stripe, None, captured_form(expires_at, &[(field, edit)])).await;
             let status = response.status();

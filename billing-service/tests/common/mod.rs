@@ -534,6 +534,14 @@ impl TestServer {
             .await
             .expect("payment request completes")
     }
+
+    /// The `status` of `user`'s purchase `session`, as `GET /api/v1/stripe/payments` shows it.
+    pub async fn payment_status(&self, user: &str, session: &str) -> String {
+        let response = self.payment(user, session).await;
+        assert_eq!(response.status(), reqwest::StatusCode::OK);
+        let body: serde_json::Value = response.json().await.expect("JSON");
+        body["status"].as_str().expect("a status").to_owned()
+    }
 }
 
 // ===== Breaking the database on purpose =====

@@ -48,7 +48,7 @@ pub const EXPIRES_AT_MAX_SECS: i64 = 24 * 3600;
 const NOT_FROZEN: i64 = i64::MIN;
 
 /// Form fields that must be present in every request.
-const REQUIRED: &[&str] = &[
+pub const REQUIRED: &[&str] = &[
     "mode",
     "line_items[0][price_data][currency]",
     "line_items[0][price_data][unit_amount]",
