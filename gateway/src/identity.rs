@@ -119,16 +119,28 @@ impl Identifier {
 
     pub fn identify(&self, peer: IpAddr, headers: &HeaderMap) -> Identified {
         let (client_ip, forwarding_ignored) = self.resolve_address(peer, headers);
-        let authorization = headers
-            .get(http::header::AUTHORIZATION)
-            .map(|v| v.as_bytes());
+        Identified {
+            caller: self.caller(client_ip, headers),
+            client_ip,
+            forwarding_ignored,
+        }
+    }
+
+    /// The caller behind a request from the already resolved `client_ip` (see
+    /// [`Identifier::client_address`]): a verified user, or the address's anonymous budget.
+    pub fn caller(&self, client_ip: IpAddr, headers: &HeaderMap) -> Caller {
+        let mut authorizations = headers.get_all(http::header::AUTHORIZATION).iter();
+        let authorization = authorizations.next().map(|value| value.as_bytes());
+        let repeated = authorizations.next().is_some();
         let user = match (&self.verifier, authorization) {
             (_, None) => Err(AuthError::Missing),
+            // Two credentials are ambiguous: the app might honour the other one.
+            (_, Some(_)) if repeated => Err(AuthError::NotBearer),
             (None, Some(_)) => Err(AuthError::NoKey),
             (Some(verifier), header) => verifier.verify_header(header),
         };
 
-        let caller = match user {
+        match user {
             Ok(id) => {
                 let key = ClientKey(self.key.mac(b"user\0", id.as_str().as_bytes()));
                 Caller::User { id, key }
@@ -144,11 +156,6 @@ impl Identifier {
                     rejected_token,
                 }
             }
-        };
-        Identified {
-            caller,
-            client_ip,
-            forwarding_ignored,
         }
     }
 
@@ -398,6 +405,25 @@ mod tests {
             };
             assert_eq!(caller.caller, expected);
         }
+    }
+
+    #[test]
+    fn a_valid_token_beside_another_authorization_header_is_anonymous() {
+        let id = identifier(&[]);
+        let token = tollgate_auth::mint_hs256(b"jwt-secret", "42", Duration::from_secs(60));
+        let valid = format!("Bearer {token}");
+        let twice = headers(&[("authorization", &valid), ("authorization", "Basic Zm9v")]);
+        let caller = id.identify(ip("198.51.100.2"), &twice).caller;
+        assert!(
+            matches!(
+                caller,
+                Caller::Anonymous {
+                    rejected_token: true,
+                    ..
+                }
+            ),
+            "{caller:?}"
+        );
     }
 
     #[test]

@@ -169,10 +169,10 @@ impl ProxyHttp for Gateway {
             return Ok(false);
         }
 
-        let identified = generation
+        // The address was resolved above; only the caller is left to work out.
+        let caller = generation
             .identifier
-            .identify(peer, &session.req_header().headers);
-        let caller = identified.caller;
+            .caller(client_ip, &session.req_header().headers);
         if let Caller::Anonymous {
             rejected_token: true,
             ..
