@@ -91,6 +91,8 @@ async fn preflights_are_free_and_refusals_keep_cors_headers() {
         .unwrap();
     assert_eq!(evil.status(), 429);
     assert!(header_values(&evil, "access-control-allow-origin").is_empty());
+    // The answer still depends on Origin, so caches must keep them apart.
+    assert_eq!(header_values(&evil, "vary"), ["Origin"]);
 }
 
 #[tokio::test]
