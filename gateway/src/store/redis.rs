@@ -5,7 +5,8 @@
 //! This module owns the connection, the calls' timeout and the circuit breaker; what a failed
 //! decision means for the request is the limiter's failure policy, not ours.
 
-use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -30,6 +31,18 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How often an idle supervisor checks that its store still exists.
 const SUPERVISOR_TICK: Duration = Duration::from_secs(1);
+
+/// Numbers each store, so that a thread's connections are never mixed up between stores.
+static NEXT_STORE_ID: AtomicU64 = AtomicU64::new(1);
+
+thread_local! {
+    /// This thread's decision connection to each live store it has used. The gateway decides
+    /// on the thread that accepted the request (each Pingora worker runs its own single-thread
+    /// runtime), so a connection made here is driven by that same thread's event loop: a
+    /// decision is a socket write and read, with no hand-off to another thread and back.
+    static THREAD_CONNECTIONS: RefCell<Vec<(u64, Weak<Shared>, Connection)>> =
+        const { RefCell::new(Vec::new()) };
+}
 
 /// Breaker states, as stored and as exported by `gateway_store_breaker_state`.
 const CLOSED: u8 = 0;
@@ -86,8 +99,13 @@ pub struct RedisSettings {
 /// one succeeds; it also makes the first connection, until which the breaker is open. Each
 /// change between closed and open is logged once.
 ///
-/// The connection is multiplexed: concurrent decisions share it, pipelined, and the script is
-/// called by its SHA-1 (`EVALSHA`), loaded once per server when Redis answers `NOSCRIPT`.
+/// Each worker thread has its own multiplexed connection, made on its first decision:
+/// concurrent decisions of the thread share it, pipelined, and its I/O runs on the thread's own
+/// event loop. The script is called by its SHA-1 (`EVALSHA`), loaded once per server when Redis
+/// answers `NOSCRIPT`. So a gateway holds one connection per worker thread, plus the
+/// supervisor's (per node, on a Cluster).
+/// A call that fails drops the thread's connection, and the thread's next decision connects
+/// afresh: a connection whose runtime has gone, or that is otherwise stuck, is not kept.
 ///
 /// Redis memory: `MEMORY USAGE` reports 280 bytes for a client's key of a sliding window of
 /// quantity 3 holding one request (key name, list and expiry), so a million such clients take
@@ -98,9 +116,12 @@ pub struct RedisStore {
 
 /// What the request path and the supervisor share.
 struct Shared {
+    /// This store's number among the process's stores (see `THREAD_CONNECTIONS`).
+    id: u64,
     settings: RedisSettings,
-    /// `None` until the supervisor first connects. Both kinds of connection reconnect by
-    /// themselves after that, so the slot is filled once.
+    /// The supervisor's connection, for probes. `None` until the supervisor first connects.
+    /// Both kinds of connection reconnect by themselves after that, so the slot is filled once.
+    /// Decisions use a connection of their own thread instead.
     connection: ArcSwapOption<Connection>,
     script: Script,
     breaker: Breaker,
@@ -137,6 +158,7 @@ impl RedisStore {
     pub fn start(settings: RedisSettings, metrics: Arc<Metrics>) -> std::io::Result<Self> {
         metrics.store_breaker_state.set(i64::from(OPEN));
         let shared = Arc::new(Shared {
+            id: NEXT_STORE_ID.fetch_add(1, Ordering::Relaxed),
             settings,
             connection: ArcSwapOption::empty(),
             script: Script::new(DECISION_SCRIPT),
@@ -185,10 +207,9 @@ impl CounterStore for RedisStore {
         if !shared.breaker.is_closed() {
             return Err(StoreError::CircuitOpen);
         }
-        let Some(connection) = shared.connection.load_full() else {
+        if shared.connection.load().is_none() {
             return Err(StoreError::CircuitOpen);
-        };
-        let mut connection = Connection::clone(&connection);
+        }
 
         let mut invocation = shared.script.prepare_invoke();
         let tag = hex::encode(client.as_bytes());
@@ -207,7 +228,15 @@ impl CounterStore for RedisStore {
 
         let started = Instant::now();
         let timeout = shared.settings.timeout;
-        let reply = tokio::time::timeout(timeout, connection.run(&invocation)).await;
+        let call = async {
+            let mut connection = Shared::thread_connection(&self.shared).await?;
+            let reply = connection.run(&invocation).await;
+            if reply.is_err() {
+                shared.forget_thread_connection();
+            }
+            reply
+        };
+        let reply = tokio::time::timeout(timeout, call).await;
         shared
             .metrics
             .store_latency
@@ -257,6 +286,33 @@ impl Shared {
             );
             self.wake.notify_one();
         }
+    }
+
+    /// The calling thread's connection to this store, made on first use (within the decision's
+    /// timeout). It reconnects by itself afterwards, like the supervisor's.
+    async fn thread_connection(this: &Arc<Shared>) -> RedisResult<Connection> {
+        let cached = THREAD_CONNECTIONS.with_borrow(|connections| {
+            connections
+                .iter()
+                .find(|(id, _, _)| *id == this.id)
+                .map(|(_, _, connection)| connection.clone())
+        });
+        if let Some(connection) = cached {
+            return Ok(connection);
+        }
+        let connection = this.connect().await?;
+        THREAD_CONNECTIONS.with_borrow_mut(|connections| {
+            // Connections of stores that are gone (a test's, say) are closed here.
+            connections.retain(|(id, store, _)| *id != this.id && store.strong_count() > 0);
+            connections.push((this.id, Arc::downgrade(this), connection.clone()));
+        });
+        Ok(connection)
+    }
+
+    fn forget_thread_connection(&self) {
+        THREAD_CONNECTIONS.with_borrow_mut(|connections| {
+            connections.retain(|(id, _, _)| *id != self.id);
+        });
     }
 
     /// Probes Redis once: connects if there is no connection yet, then `PING`s it.
