@@ -190,6 +190,7 @@ def wrk(port, seconds=DURATION):
     latency = {p: float(v) * scale[u] for p, v, u in LATENCY.findall(output)}
     non_2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
     return {
+        "requests": int(re.search(r"(\d+) requests in", output).group(1)),
         "requests_per_sec": rps,
         "p50_ms": latency.get("50"),
         "p99_ms": latency.get("99"),
@@ -197,12 +198,34 @@ def wrk(port, seconds=DURATION):
     }
 
 
-def measure(label, port):
+def cpu_seconds(process):
+    """CPU time (user + system) used so far by every thread of the process's group."""
+    ticks = 0
+    members = subprocess.run(["pgrep", "-g", str(process.pid)], capture_output=True, text=True)
+    for pid in members.stdout.split():
+        try:
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{task}/stat") as handle:
+                    fields = handle.read().rsplit(")", 1)[1].split()
+                ticks += int(fields[11]) + int(fields[12])  # utime, stime
+        except FileNotFoundError:
+            continue
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def measure(label, port, process):
+    """Drives one setup; `process` is the server under test (the proxy, or the upstream for
+    the direct setup), whose CPU time per request is reported beside the throughput. On a
+    shared machine CPU per request moves less than requests/s does."""
     wait_for_port(port)
     wrk(port, "2s")  # warm-up: connection pools, caches, JIT of nothing
+    before = cpu_seconds(process)
     result = wrk(port)
+    used = cpu_seconds(process) - before
+    result["cpu_us_per_request"] = 1e6 * used / max(result["requests"], 1)
     result["setup"] = label
-    print(f"  {label:<42} {result['requests_per_sec']:>10.0f} req/s", flush=True)
+    print(f"  {label:<42} {result['requests_per_sec']:>10.0f} req/s "
+          f"{result['cpu_us_per_request']:>7.1f} CPU us/req", flush=True)
     return result
 
 
@@ -260,7 +283,7 @@ def main():
         for label, launch, port in setups():
             process = launch() if launch else None
             try:
-                results.append(measure(label, port))
+                results.append(measure(label, port, process or upstream))
             finally:
                 stop(process)
                 time.sleep(0.5)
@@ -275,14 +298,14 @@ def main():
         result["p99_vs_c"] = result["p99_ms"] / limit_req["p99_ms"]
 
     header = f"{'setup':<34} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} " \
-             f"{'vs (c)':>7} {'vs (a)':>7} {'p99 vs (c)':>10}"
+             f"{'vs (c)':>7} {'vs (a)':>7} {'p99 vs (c)':>10} {'CPU us/req':>10}"
     print()
     print(header)
     print("-" * len(header))
     for r in results:
         print(f"{r['setup']:<34} {r['requests_per_sec']:>9.0f} {r['p50_ms']:>8.3f} "
               f"{r['p99_ms']:>8.3f} {r['rps_vs_c']:>7.2f} {r['rps_vs_a']:>7.2f} "
-              f"{r['p99_vs_c']:>10.2f}")
+              f"{r['p99_vs_c']:>10.2f} {r['cpu_us_per_request']:>10.1f}")
 
     targets = {}
     if "(e)" in by_label:
