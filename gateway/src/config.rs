@@ -10,6 +10,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use http::HeaderValue;
 use ipnet::IpNet;
 use serde::Deserialize;
 use toml::Spanned;
@@ -154,7 +155,7 @@ struct RawRoute {
     #[serde(default = "one")]
     cost: Spanned<u64>,
     max_body_bytes: Option<u64>,
-    cors: Option<RawCors>,
+    cors: Option<Spanned<RawCors>>,
 }
 
 fn one() -> Spanned<u64> {
@@ -364,15 +365,22 @@ pub enum StoreBackend {
 /// CORS policy of a route, applied by the gateway to every response of the route, its own
 /// 429s included, and used to answer preflights.
 #[derive(Clone, Debug)]
+///
+/// The answer headers are rendered once, when the configuration loads, so a value that cannot
+/// be sent is a configuration error rather than a failed response.
 pub struct CorsConfig {
     /// Exact origins allowed, or `*`.
     pub allow_origins: Vec<String>,
-    pub allow_methods: Vec<String>,
-    pub allow_headers: Vec<String>,
-    /// Response headers a browser may read; the rate-limit headers belong here.
-    pub expose_headers: Vec<String>,
-    /// How long a browser may cache a preflight answer, in seconds. Default 600.
-    pub max_age_secs: u64,
+    /// `Access-Control-Allow-Methods` of a preflight answer.
+    pub allow_methods: HeaderValue,
+    /// `Access-Control-Allow-Headers` of a preflight answer; `None` when none are listed.
+    pub allow_headers: Option<HeaderValue>,
+    /// `Access-Control-Expose-Headers`: response headers a browser may read (the rate-limit
+    /// headers belong here); `None` when none are listed.
+    pub expose_headers: Option<HeaderValue>,
+    /// `Access-Control-Max-Age`: how long a browser may cache a preflight answer, in seconds.
+    /// Default 600.
+    pub max_age: HeaderValue,
 }
 
 /// Where a limit applies: a set of methods (empty means all) and an exact path or a prefix,
@@ -697,13 +705,10 @@ impl Validator<'_> {
         if *route.cost.get_ref() == 0 {
             return self.fail(route.cost.span(), "routes.cost must be at least 1");
         }
-        let cors = route.cors.map(|cors| CorsConfig {
-            allow_origins: cors.allow_origins,
-            allow_methods: cors.allow_methods,
-            allow_headers: cors.allow_headers,
-            expose_headers: cors.expose_headers,
-            max_age_secs: cors.max_age_secs,
-        });
+        let cors = match route.cors {
+            Some(cors) => Some(self.validate_cors(cors)?),
+            None => None,
+        };
         Ok(RouteConfig {
             name: route.name.into_inner(),
             path_prefix: route.path_prefix.into_inner(),
@@ -712,6 +717,39 @@ impl Validator<'_> {
             cost: route.cost.into_inner(),
             max_body_bytes: route.max_body_bytes.unwrap_or(default_max_body),
             cors,
+        })
+    }
+
+    fn validate_cors(&self, raw: Spanned<RawCors>) -> Result<CorsConfig, String> {
+        let span = raw.span();
+        let raw = raw.into_inner();
+        let lists = [
+            &raw.allow_origins,
+            &raw.allow_methods,
+            &raw.allow_headers,
+            &raw.expose_headers,
+        ];
+        let unsendable = lists.into_iter().flatten().find(|entry| {
+            entry.is_empty() || !entry.bytes().all(|b| b.is_ascii_graphic() && b != b',')
+        });
+        if let Some(entry) = unsendable {
+            let message = format!(
+                "routes.cors entry {entry:?} must be one non-empty value of visible ASCII \
+                 without spaces or commas"
+            );
+            return self.fail(span, message);
+        }
+        let list = |entries: &[String]| {
+            (!entries.is_empty()).then(|| {
+                HeaderValue::try_from(entries.join(", ")).expect("entries were checked above")
+            })
+        };
+        Ok(CorsConfig {
+            allow_methods: list(&raw.allow_methods).unwrap_or(HeaderValue::from_static("")),
+            allow_headers: list(&raw.allow_headers),
+            expose_headers: list(&raw.expose_headers),
+            max_age: HeaderValue::from(raw.max_age_secs),
+            allow_origins: raw.allow_origins,
         })
     }
 
@@ -970,6 +1008,25 @@ mod tests {
                 !message.trim().is_empty(),
                 "{to}: the error explains nothing"
             );
+        }
+    }
+
+    /// A CORS value the gateway could not send is refused at load, at the route's CORS table,
+    /// instead of failing responses later.
+    #[test]
+    fn unsendable_cors_values_are_rejected_with_their_position() {
+        let route = "[[routes]]\nname = \"app\"\npath_prefix = \"/\"\nupstream = \"app\"\n";
+        let base = format!("[upstreams.app]\naddress = \"127.0.0.1:8000\"\n{route}");
+        let good = format!("{base}[routes.cors]\nallow_origins = [\"https://a.example\"]\n");
+        let cors = parse(&good).unwrap().routes[0].cors.clone().unwrap();
+        assert_eq!(cors.allow_methods, "GET, POST, OPTIONS");
+        assert_eq!(cors.max_age, "600");
+        assert!(cors.expose_headers.is_none());
+        for bad in ["bad\\nvalue", "a, b", "", "two words"] {
+            let source = format!("{good}expose_headers = [\"{bad}\"]\n");
+            let error = parse(&source).unwrap_err();
+            assert!(error.starts_with("line 7, column 1: "), "{bad}: {error}");
+            assert!(error.contains("routes.cors"), "{bad}: {error}");
         }
     }
 

@@ -11,6 +11,8 @@
 
 use std::sync::Arc;
 
+use http::HeaderValue;
+
 use crate::config::{Audience, FailurePolicy, LimitConfig, LimitMode, PathMatch};
 use crate::identity::Caller;
 use crate::store::{StoreError, Stores, Verdict, Window};
@@ -106,6 +108,14 @@ impl Limiter {
             stores,
             fingerprints_on,
         }
+    }
+
+    /// Whether any limit, enforced or shadow, could apply to this method and path for some
+    /// caller. When none can, the caller need not be identified at all.
+    pub fn covers(&self, method: &str, path: &str) -> bool {
+        self.limits
+            .iter()
+            .any(|limit| matches_request(&limit.config, method, path))
     }
 
     /// Decides a request of `cost` units. Returns `None` when no limit, enforced or shadow,
@@ -224,6 +234,10 @@ fn applies(limit: &LimitConfig, method: &str, path: &str, caller: &Caller) -> bo
         Audience::Authenticated => is_user,
         Audience::Everyone => true,
     };
+    audience && matches_request(limit, method, path)
+}
+
+fn matches_request(limit: &LimitConfig, method: &str, path: &str) -> bool {
     let method = limit.matcher.methods.is_empty()
         || limit
             .matcher
@@ -234,7 +248,7 @@ fn applies(limit: &LimitConfig, method: &str, path: &str, caller: &Caller) -> bo
         PathMatch::Exact(exact) => path == exact,
         PathMatch::Prefix(prefix) => path.starts_with(prefix.as_str()),
     };
-    audience && method && path
+    method && path
 }
 
 impl Decision {
@@ -285,29 +299,112 @@ impl Decision {
     ///
     /// `RateLimit-Policy` and `RateLimit` follow draft-ietf-httpapi-ratelimit-headers: one list
     /// member per limit, `"name";q=<quantity>;w=<window>` and `"name";r=<remaining>;t=<reset>`.
-    pub fn headers(&self) -> Vec<(&'static str, String)> {
+    /// Every admitted request on a limited route pays for these, so the values are written
+    /// straight into header values rather than through intermediate strings.
+    pub fn headers(&self) -> Vec<(&'static str, HeaderValue)> {
         let Some(main) = self.most_restrictive() else {
             return Vec::new();
         };
-        let members = |render: &dyn Fn(&LimitStatus) -> String| {
-            self.limits
-                .iter()
-                .map(render)
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        let policy = members(&|s| format!("\"{}\";q={};w={}", s.name, s.quantity, s.window_secs));
-        let current = members(&|s| format!("\"{}\";r={};t={}", s.name, s.remaining, s.reset_secs));
-        let mut headers = vec![
-            ("x-ratelimit-limit", main.quantity.to_string()),
-            ("x-ratelimit-remaining", main.remaining.to_string()),
-            ("x-ratelimit-reset", main.reset_secs.to_string()),
-            ("ratelimit-policy", policy),
-            ("ratelimit", current),
-        ];
+        let mut policy = String::with_capacity(40 * self.limits.len());
+        let mut current = String::with_capacity(40 * self.limits.len());
+        let mut digits = itoa::Buffer::new();
+        for (index, s) in self.limits.iter().enumerate() {
+            if index > 0 {
+                policy.push_str(", ");
+                current.push_str(", ");
+            }
+            for (list, first, second) in [
+                (&mut policy, (";q=", s.quantity), (";w=", s.window_secs)),
+                (&mut current, (";r=", s.remaining), (";t=", s.reset_secs)),
+            ] {
+                list.push('"');
+                list.push_str(&s.name);
+                list.push('"');
+                for (key, number) in [first, second] {
+                    list.push_str(key);
+                    list.push_str(digits.format(number));
+                }
+            }
+        }
+        let mut headers = Vec::with_capacity(6);
+        headers.push(("x-ratelimit-limit", HeaderValue::from(main.quantity)));
+        headers.push(("x-ratelimit-remaining", HeaderValue::from(main.remaining)));
+        headers.push(("x-ratelimit-reset", HeaderValue::from(main.reset_secs)));
+        // Limit names are validated as header-safe tokens when the configuration loads.
+        for (name, value) in [("ratelimit-policy", policy), ("ratelimit", current)] {
+            if let Ok(value) = HeaderValue::try_from(value) {
+                headers.push((name, value));
+            }
+        }
         if !self.admitted {
-            headers.push(("retry-after", self.retry_after_secs().to_string()));
+            headers.push(("retry-after", HeaderValue::from(self.retry_after_secs())));
         }
         headers
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(name: &str, quantity: u64, remaining: u64, reset_secs: u64) -> LimitStatus {
+        LimitStatus {
+            name: name.into(),
+            quantity,
+            window_secs: 86_400,
+            remaining,
+            reset_secs,
+            refused: remaining == 0,
+        }
+    }
+
+    fn rendered(decision: &Decision) -> Vec<(&'static str, String)> {
+        let headers = decision.headers();
+        let text = |value: &HeaderValue| value.to_str().unwrap().to_owned();
+        headers
+            .iter()
+            .map(|(name, value)| (*name, text(value)))
+            .collect()
+    }
+
+    #[test]
+    fn headers_describe_every_limit_and_the_tightest_in_x_ratelimit() {
+        let decision = Decision {
+            admitted: true,
+            limits: vec![status("daily", 3, 2, 40_000), status("burst", 10, 1, 7)],
+            ..Decision::default()
+        };
+        assert_eq!(
+            rendered(&decision),
+            [
+                ("x-ratelimit-limit", "10".to_owned()),
+                ("x-ratelimit-remaining", "1".to_owned()),
+                ("x-ratelimit-reset", "7".to_owned()),
+                (
+                    "ratelimit-policy",
+                    "\"daily\";q=3;w=86400, \"burst\";q=10;w=86400".to_owned()
+                ),
+                (
+                    "ratelimit",
+                    "\"daily\";r=2;t=40000, \"burst\";r=1;t=7".to_owned()
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_refusal_adds_retry_after_from_the_longest_refusing_wait() {
+        let decision = Decision {
+            admitted: false,
+            limits: vec![status("daily", 3, 0, 40_000), status("burst", 10, 0, 7)],
+            ..Decision::default()
+        };
+        let headers = rendered(&decision);
+        assert_eq!(headers[0], ("x-ratelimit-limit", "3".to_owned()));
+        assert_eq!(
+            headers.last().unwrap(),
+            &("retry-after", "40000".to_owned())
+        );
+        assert!(rendered(&Decision::default()).is_empty());
     }
 }

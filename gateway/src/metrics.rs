@@ -15,7 +15,8 @@ pub struct Metrics {
     pub requests: IntCounterVec,
     /// Limit decisions, by limit name and outcome (`allowed` or `refused`).
     pub decisions: IntCounterVec,
-    /// Bearer tokens that failed verification, by what the gateway then did.
+    /// Bearer tokens that failed verification, by what the gateway then did. Tokens are
+    /// checked only where they can matter (see `proxy`), so this is not every bad token sent.
     pub rejected_tokens: IntCounterVec,
     /// Clients with live counters in the memory store, as of the last sweep.
     pub tracked_clients: IntGauge,

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::Bytes;
-use http::HeaderMap;
+use http::{HeaderMap, HeaderValue};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::{HttpPeer, ProxyHttp, Session};
 use pingora::proxy::FailToProxy;
@@ -43,6 +43,9 @@ const RATE_LIMIT_HEADERS: [&str; 5] = [
     "ratelimit",
 ];
 
+/// A response header the gateway writes: a static name and a ready value.
+type Field = (&'static str, HeaderValue);
+
 /// CORS response headers the gateway owns on routes with a CORS policy.
 const CORS_HEADERS: [&str; 2] = [
     "access-control-allow-origin",
@@ -64,7 +67,7 @@ pub struct RequestContext {
     normalised_path: String,
     client_ip: Option<IpAddr>,
     /// The request's `Origin`, when the route has a CORS policy that allows it.
-    cors_origin: Option<String>,
+    cors_origin: Option<HeaderValue>,
     decision: Option<Decision>,
     body_limit: u64,
     body_seen: u64,
@@ -162,13 +165,20 @@ impl ProxyHttp for Gateway {
         if method == "OPTIONS" && headers.contains_key("access-control-request-method") {
             // A preflight is the browser asking permission, not a use of the API.
             if let Some(cors) = route.cors.as_ref() {
-                let answer = preflight_answer(cors, ctx.cors_origin.as_deref());
+                let answer = preflight_answer(cors, ctx.cors_origin.as_ref());
                 respond(session, 204, "text/plain", &answer, b"").await?;
                 return Ok(true);
             }
             return Ok(false);
         }
 
+        // Identity only matters to a limit, or to refuse a bad token when so configured; a
+        // request that neither can touch goes upstream without deriving a key.
+        let refuses_tokens = config.auth.invalid_token == InvalidTokenPolicy::Reject;
+        let has_token = headers.contains_key(http::header::AUTHORIZATION);
+        if !generation.limiter.covers(&method, &path) && !(refuses_tokens && has_token) {
+            return Ok(false);
+        }
         // The address was resolved above; only the caller is left to work out.
         let caller = generation
             .identifier
@@ -267,7 +277,7 @@ impl ProxyHttp for Gateway {
     ) -> Result<()> {
         if let Some(client) = ctx.client_ip {
             // The app learns the address we resolved, never the client's own claim.
-            request.insert_header("x-forwarded-for", client.to_string())?;
+            request.insert_header("x-forwarded-for", address_value(client))?;
             request.remove_header("forwarded");
         }
         if request.uri.path() == ctx.normalised_path {
@@ -293,25 +303,21 @@ impl ProxyHttp for Gateway {
         if let Some(decision) = &ctx.decision {
             let headers = decision.headers();
             if !headers.is_empty() {
-                for name in RATE_LIMIT_HEADERS {
-                    response.remove_header(name);
-                }
+                remove_owned(response, &RATE_LIMIT_HEADERS);
                 for (name, value) in headers {
                     response.insert_header(name, value)?;
                 }
             }
         }
         if ctx.cors().is_some() {
-            for name in CORS_HEADERS {
-                response.remove_header(name);
-            }
+            remove_owned(response, &CORS_HEADERS);
             let varies_by_origin = response.headers.get_all("vary").iter().any(|value| {
                 let value = value.to_str().unwrap_or_default();
                 value
                     .split(',')
                     .any(|field| field.trim().eq_ignore_ascii_case("origin"))
             });
-            for (name, value) in cors_headers(ctx.cors(), ctx.cors_origin.as_deref()) {
+            for (name, value) in cors_headers(ctx.cors(), ctx.cors_origin.as_ref()) {
                 if name == "vary" && varies_by_origin {
                     continue;
                 }
@@ -422,11 +428,9 @@ impl Gateway {
 
     /// Answers 401 with a bearer challenge; used when invalid tokens are configured to reject.
     async fn refuse_token(&self, session: &mut Session, ctx: &RequestContext) -> Result<bool> {
-        let mut headers = vec![(
-            "www-authenticate",
-            "Bearer error=\"invalid_token\"".to_owned(),
-        )];
-        headers.extend(cors_headers(ctx.cors(), ctx.cors_origin.as_deref()));
+        let challenge = HeaderValue::from_static("Bearer error=\"invalid_token\"");
+        let mut headers = vec![("www-authenticate", challenge)];
+        headers.extend(cors_headers(ctx.cors(), ctx.cors_origin.as_ref()));
         let body = problem(
             401,
             "Unauthorized",
@@ -467,7 +471,7 @@ impl Gateway {
             body.to_string().into_bytes()
         };
         let mut headers = decision.headers();
-        headers.extend(cors_headers(ctx.cors(), ctx.cors_origin.as_deref()));
+        headers.extend(cors_headers(ctx.cors(), ctx.cors_origin.as_ref()));
         drain_small_body(session).await;
         respond(session, 429, "application/problem+json", &headers, &body).await
     }
@@ -514,55 +518,62 @@ async fn refuse_oversized(session: &mut Session, ctx: &RequestContext) -> Result
 }
 
 /// The `Origin` of the request when the route's CORS policy allows it.
-fn allowed_origin(cors: Option<&CorsConfig>, headers: &HeaderMap) -> Option<String> {
-    let origin = headers.get(http::header::ORIGIN)?.to_str().ok()?;
+fn allowed_origin(cors: Option<&CorsConfig>, headers: &HeaderMap) -> Option<HeaderValue> {
+    let value = headers.get(http::header::ORIGIN)?;
+    let origin = value.to_str().ok()?;
     let allowed = cors?
         .allow_origins
         .iter()
         .any(|allowed| allowed == "*" || allowed == origin);
-    allowed.then(|| origin.to_owned())
+    allowed.then(|| value.clone())
 }
 
 /// CORS headers for an actual response on a route with a CORS policy: `Vary: Origin` always
 /// (the answer depends on it), the rest only for an allowed origin.
-fn cors_headers(cors: Option<&CorsConfig>, origin: Option<&str>) -> Vec<(&'static str, String)> {
+fn cors_headers(cors: Option<&CorsConfig>, origin: Option<&HeaderValue>) -> Vec<Field> {
     let Some(cors) = cors else {
         return Vec::new();
     };
-    let vary = ("vary", "Origin".to_owned());
+    let vary = ("vary", HeaderValue::from_static("Origin"));
     let Some(origin) = origin else {
         return vec![vary];
     };
-    let mut headers = vec![("access-control-allow-origin", origin.to_owned()), vary];
-    if !cors.expose_headers.is_empty() {
-        headers.push((
-            "access-control-expose-headers",
-            cors.expose_headers.join(", "),
-        ));
+    let mut headers = vec![("access-control-allow-origin", origin.clone()), vary];
+    if let Some(expose) = &cors.expose_headers {
+        headers.push(("access-control-expose-headers", expose.clone()));
     }
     headers
 }
 
-fn preflight_answer(cors: &CorsConfig, origin: Option<&str>) -> Vec<(&'static str, String)> {
+fn preflight_answer(cors: &CorsConfig, origin: Option<&HeaderValue>) -> Vec<Field> {
+    let vary = ("vary", HeaderValue::from_static("Origin"));
     let Some(origin) = origin else {
-        return vec![("vary", "Origin".to_owned())];
+        return vec![vary];
     };
     let mut headers = vec![
-        ("access-control-allow-origin", origin.to_owned()),
-        (
-            "access-control-allow-methods",
-            cors.allow_methods.join(", "),
-        ),
-        ("access-control-max-age", cors.max_age_secs.to_string()),
-        ("vary", "Origin".to_owned()),
+        ("access-control-allow-origin", origin.clone()),
+        ("access-control-allow-methods", cors.allow_methods.clone()),
+        ("access-control-max-age", cors.max_age.clone()),
+        vary,
     ];
-    if !cors.allow_headers.is_empty() {
-        headers.push((
-            "access-control-allow-headers",
-            cors.allow_headers.join(", "),
-        ));
+    if let Some(allow) = &cors.allow_headers {
+        headers.push(("access-control-allow-headers", allow.clone()));
     }
     headers
+}
+
+/// Drops the upstream's copies of headers the gateway writes itself. Most upstreams send
+/// none, and one pass over the response is cheaper than a lookup per name.
+fn remove_owned(response: &mut ResponseHeader, names: &[&str]) {
+    let mut present = Vec::new();
+    for name in response.headers.keys() {
+        if let Some(owned) = names.iter().find(|owned| **owned == name.as_str()) {
+            present.push(*owned);
+        }
+    }
+    for name in present {
+        response.remove_header(name);
+    }
 }
 
 /// Size of the request line and headers as they arrived, give or take separators.
@@ -574,6 +585,22 @@ fn head_size(request: &RequestHeader) -> usize {
         .map(|(name, value)| name.as_str().len() + value.len() + 4)
         .sum();
     line + fields
+}
+
+/// The address as a header value; IPv4, the common case, without the formatting machinery.
+fn address_value(address: IpAddr) -> HeaderValue {
+    let IpAddr::V4(v4) = address else {
+        return HeaderValue::try_from(address.to_string()).expect("an address is a valid value");
+    };
+    let mut text = String::with_capacity(15);
+    let mut digits = itoa::Buffer::new();
+    for (index, octet) in v4.octets().into_iter().enumerate() {
+        if index > 0 {
+            text.push('.');
+        }
+        text.push_str(digits.format(octet));
+    }
+    HeaderValue::try_from(text).expect("an address is a valid value")
 }
 
 fn peer_ip(session: &Session) -> IpAddr {
@@ -613,7 +640,7 @@ async fn respond_problem(
         .as_ref()
         .map(Decision::headers)
         .unwrap_or_default();
-    headers.extend(cors_headers(ctx.cors(), ctx.cors_origin.as_deref()));
+    headers.extend(cors_headers(ctx.cors(), ctx.cors_origin.as_ref()));
     let body = problem(status, title, detail);
     respond(session, status, "application/problem+json", &headers, &body).await
 }
@@ -622,7 +649,7 @@ async fn respond(
     session: &mut Session,
     status: u16,
     content_type: &str,
-    headers: &[(&'static str, String)],
+    headers: &[Field],
     body: &[u8],
 ) -> Result<()> {
     let mut response = ResponseHeader::build(status, Some(headers.len() + 2))?;
@@ -631,7 +658,7 @@ async fn respond(
     }
     response.insert_header("content-length", body.len().to_string())?;
     for (name, value) in headers {
-        response.append_header(*name, value.as_str())?;
+        response.append_header(*name, value.clone())?;
     }
     session
         .write_response_header(Box::new(response), body.is_empty())
@@ -642,4 +669,22 @@ async fn respond(
             .await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_addresses_read_as_their_standard_text() {
+        for text in [
+            "0.0.0.0",
+            "10.0.10.100",
+            "192.0.2.1",
+            "255.255.255.255",
+            "2001:db8::1",
+        ] {
+            assert_eq!(address_value(text.parse().unwrap()), text);
+        }
+    }
 }
