@@ -496,3 +496,41 @@ async fn one_decision_is_one_redis_round_trip() {
     println!("{line}");
     assert!(line.contains(&format!("calls={},", 25 + loads)), "{line}");
 }
+
+/// Redis's count of connections accepted since it started.
+fn connections_received(redis: &RedisServer) -> u64 {
+    let stats = redis.cli(&["INFO", "stats"]);
+    let line = stats
+        .lines()
+        .find_map(|line| line.strip_prefix("total_connections_received:"))
+        .expect("INFO stats has total_connections_received");
+    line.trim().parse().unwrap()
+}
+
+#[tokio::test]
+async fn a_burst_on_a_fresh_gateway_opens_one_connection_per_worker_thread() {
+    let redis = RedisServer::start();
+    let stack = start(config("", ROOMY), vec![("REDIS_URL", redis.url())]).await;
+    let before = connections_received(&redis);
+
+    // 100 concurrent first decisions: each worker thread connects once, and the decisions that
+    // arrive while it does wait for that connection rather than opening their own.
+    let statuses: Vec<u16> = stream::iter(0..100u8)
+        .map(|n| {
+            let client = client_from([127, 0, 66, n]);
+            let url = stack.url("/api/v1/roomy");
+            async move { client.post(url).send().await.unwrap().status().as_u16() }
+        })
+        .buffer_unordered(100)
+        .collect()
+        .await;
+    assert!(statuses.iter().all(|status| *status == 200), "{statuses:?}");
+
+    // This reading's own connection is the one more.
+    let opened = connections_received(&redis) - before - 1;
+    let threads = 2; // config/gateway.toml
+    assert!(
+        (1..=threads).contains(&opened),
+        "{opened} connections for 100 decisions"
+    );
+}

@@ -40,9 +40,14 @@ thread_local! {
     /// on the thread that accepted the request (each Pingora worker runs its own single-thread
     /// runtime), so a connection made here is driven by that same thread's event loop: a
     /// decision is a socket write and read, with no hand-off to another thread and back.
-    static THREAD_CONNECTIONS: RefCell<Vec<(u64, Weak<Shared>, Connection)>> =
+    /// The first decision of a thread connects; decisions that arrive meanwhile wait for
+    /// that connection instead of opening their own.
+    static THREAD_CONNECTIONS: RefCell<Vec<(u64, Weak<Shared>, ThreadConnection)>> =
         const { RefCell::new(Vec::new()) };
 }
+
+/// One thread's connection to one store, filled by the first decision that needs it.
+type ThreadConnection = Arc<tokio::sync::OnceCell<Connection>>;
 
 /// Breaker states, as stored and as exported by `gateway_store_breaker_state`.
 const CLOSED: u8 = 0;
@@ -291,22 +296,17 @@ impl Shared {
     /// The calling thread's connection to this store, made on first use (within the decision's
     /// timeout). It reconnects by itself afterwards, like the supervisor's.
     async fn thread_connection(this: &Arc<Shared>) -> RedisResult<Connection> {
-        let cached = THREAD_CONNECTIONS.with_borrow(|connections| {
-            connections
-                .iter()
-                .find(|(id, _, _)| *id == this.id)
-                .map(|(_, _, connection)| connection.clone())
-        });
-        if let Some(connection) = cached {
-            return Ok(connection);
-        }
-        let connection = this.connect().await?;
-        THREAD_CONNECTIONS.with_borrow_mut(|connections| {
+        let cell = THREAD_CONNECTIONS.with_borrow_mut(|connections| {
+            if let Some((_, _, cell)) = connections.iter().find(|(id, _, _)| *id == this.id) {
+                return cell.clone();
+            }
             // Connections of stores that are gone (a test's, say) are closed here.
-            connections.retain(|(id, store, _)| *id != this.id && store.strong_count() > 0);
-            connections.push((this.id, Arc::downgrade(this), connection.clone()));
+            connections.retain(|(_, store, _)| store.strong_count() > 0);
+            let cell = ThreadConnection::default();
+            connections.push((this.id, Arc::downgrade(this), cell.clone()));
+            cell
         });
-        Ok(connection)
+        cell.get_or_try_init(|| this.connect()).await.cloned()
     }
 
     fn forget_thread_connection(&self) {
