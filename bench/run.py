@@ -132,6 +132,16 @@ def wait_for_port(port, timeout=20.0):
     raise RuntimeError(f"nothing listens on port {port}")
 
 
+def ensure_port_free(port):
+    """A leftover server on a bench port would be measured in place of the one started."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            pass
+    except OSError:
+        return
+    raise RuntimeError(f"port {port} is already in use; stop whatever listens there first")
+
+
 def start(cmd, cpu, log, env=None):
     full = ["taskset", "-c", cpu] + cmd
     return subprocess.Popen(full, stdout=log, stderr=log, env=env, start_new_session=True)
@@ -277,6 +287,8 @@ def main():
     OUT.mkdir(parents=True, exist_ok=True)
     print(f"wrk -t1 -c{CONNECTIONS} -d{DURATION}; proxies on CPU {PROXY_CPU}, "
           f"upstream and wrk on CPU {LOAD_CPU}", flush=True)
+    for port in (UPSTREAM_PORT, NGINX_PORT, GATEWAY_PORT, GATEWAY_ADMIN_PORT):
+        ensure_port_free(port)
     upstream = nginx("upstream", UPSTREAM_HTTP.format(port=UPSTREAM_PORT), LOAD_CPU)
     results = []
     try:
