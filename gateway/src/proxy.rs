@@ -62,7 +62,7 @@ pub struct Gateway {
 pub struct RequestContext {
     generation: Arc<Generation>,
     started: Instant,
-    route: Option<RouteConfig>,
+    route: Option<Arc<RouteConfig>>,
     label: &'static str,
     normalised_path: String,
     client_ip: Option<IpAddr>,
@@ -176,7 +176,9 @@ impl ProxyHttp for Gateway {
         // request that neither can touch goes upstream without deriving a key.
         let refuses_tokens = config.auth.invalid_token == InvalidTokenPolicy::Reject;
         let has_token = headers.contains_key(http::header::AUTHORIZATION);
-        if !generation.limiter.covers(&method, &path) && !(refuses_tokens && has_token) {
+        let needs_identity =
+            generation.limiter.covers(&method, &path) || (refuses_tokens && has_token);
+        if !needs_identity {
             return Ok(false);
         }
         // The address was resolved above; only the caller is left to work out.

@@ -5,6 +5,8 @@
 //! `/api/v1/%67enerate` therefore cannot reach a route or skip a limit that the plain spelling
 //! would not.
 
+use std::sync::Arc;
+
 use crate::config::RouteConfig;
 
 /// Normalises a request path per RFC 3986: percent-encoded unreserved characters are decoded
@@ -69,19 +71,21 @@ fn hex_value(digit: u8) -> Option<u8> {
     char::from(digit).to_digit(16).map(|value| value as u8)
 }
 
-/// The routes of one configuration, matched by longest prefix.
+/// The routes of one configuration, matched by longest prefix. Each is shared, so a request
+/// keeps its route for its whole life without copying it.
 pub struct Router {
-    routes: Vec<RouteConfig>,
+    routes: Vec<Arc<RouteConfig>>,
 }
 
 impl Router {
-    pub fn new(mut routes: Vec<RouteConfig>) -> Self {
+    pub fn new(routes: Vec<RouteConfig>) -> Self {
+        let mut routes: Vec<Arc<RouteConfig>> = routes.into_iter().map(Arc::new).collect();
         routes.sort_by_key(|route| std::cmp::Reverse(route.path_prefix.len()));
         Self { routes }
     }
 
     /// The route for a normalised path, if any prefix matches.
-    pub fn route(&self, path: &str) -> Option<&RouteConfig> {
+    pub fn route(&self, path: &str) -> Option<&Arc<RouteConfig>> {
         self.routes
             .iter()
             .find(|route| path.starts_with(&route.path_prefix))
