@@ -33,7 +33,7 @@ lint:
 ## Benchmarks (not part of `make test`): the gateway against nginx, then micro-benchmarks.
 bench:
 	./bench/setup.sh
-	$(CARGO) build --release -p gateway
+	$(CARGO) build --release -p gateway --bin gateway --example bare_pingora
 	python3 bench/run.py
 	$(CARGO) bench -p gateway --bench decisions --bench memory_per_client
 	$(CARGO) bench -p billing-service --bench signature --bench webhook_throughput

@@ -22,6 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "target" / "bench"
 GATEWAY = ROOT / "target" / "release" / "gateway"
+BARE_PINGORA = ROOT / "target" / "release" / "examples" / "bare_pingora"
 
 UPSTREAM_PORT = 18000
 NGINX_PORT = 18001
@@ -187,6 +188,15 @@ def gateway(name, store="", limits=""):
     return start([str(GATEWAY), "--config", str(conf)], PROXY_CPU, log, env)
 
 
+def bare_pingora():
+    directory = OUT / "bare-pingora"
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    log = open(directory / "stdout.log", "w")
+    listen, upstream = f"127.0.0.1:{GATEWAY_PORT}", f"127.0.0.1:{UPSTREAM_PORT}"
+    return start([str(BARE_PINGORA), listen, upstream], PROXY_CPU, log)
+
+
 LATENCY = re.compile(r"^\s+(50|99)(?:\.000)?%\s+([\d.]+)(us|ms|s)\s*$", re.M)
 
 
@@ -257,6 +267,9 @@ def setups():
         "gateway-redis", store=REDIS_STORE, limits=ALLOW_ALL_LIMIT), GATEWAY_PORT
     yield "(g) gateway, 429 to everything", lambda: gateway(
         "gateway-deny", limits=DENY_ALL_LIMIT), GATEWAY_PORT
+    # Not one of the compared setups: the floor the gateway is built on, to tell its costs
+    # from Pingora's.
+    yield "(h) bare Pingora proxy (reference)", bare_pingora, GATEWAY_PORT
 
 
 def chart(results):
