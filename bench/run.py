@@ -298,10 +298,10 @@ plot '{data}' using 0:2:xtic(1) with boxes lc rgb '#3b6ea8', \\
 
 def main():
     OUT.mkdir(parents=True, exist_ok=True)
-    print(f"wrk -t1 -c{CONNECTIONS} -d{DURATION}; proxies on CPU {PROXY_CPU}, "
-          f"upstream and wrk on CPU {LOAD_CPU}", flush=True)
     for port in (UPSTREAM_PORT, NGINX_PORT, GATEWAY_PORT, GATEWAY_ADMIN_PORT):
         ensure_port_free(port)
+    print(f"wrk -t1 -c{CONNECTIONS} -d{DURATION}; proxies on CPU {PROXY_CPU}, "
+          f"upstream and wrk on CPU {LOAD_CPU}", flush=True)
     upstream = nginx("upstream", UPSTREAM_HTTP.format(port=UPSTREAM_PORT), LOAD_CPU)
     results = []
     try:
@@ -354,4 +354,7 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except RuntimeError as error:
+        sys.exit(f"bench: {error}")

@@ -18,7 +18,10 @@ const SIGNED_AT: i64 = 1_767_225_600;
 fn typical_event() -> Vec<u8> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../../shared/stripe/fixtures/event_checkout_session_completed.json");
-    let text = std::fs::read(&path).expect("the shared event fixture is readable");
+    let text = std::fs::read(&path).unwrap_or_else(|error| {
+        let path = path.display();
+        panic!("shared reference data missing at {path} ({error}); it sits beside the repository")
+    });
     let event: serde_json::Value = serde_json::from_slice(&text).expect("the fixture is JSON");
     serde_json::to_vec(&event).expect("serialises")
 }
