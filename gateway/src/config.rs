@@ -155,7 +155,7 @@ struct RawRoute {
     #[serde(default = "one")]
     cost: Spanned<u64>,
     max_body_bytes: Option<u64>,
-    cors: Option<Spanned<RawCors>>,
+    cors: Option<RawCors>,
 }
 
 fn one() -> Spanned<u64> {
@@ -165,19 +165,21 @@ fn one() -> Spanned<u64> {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawCors {
-    allow_origins: Vec<String>,
+    allow_origins: Vec<Spanned<String>>,
     #[serde(default = "default_cors_methods")]
-    allow_methods: Vec<String>,
+    allow_methods: Vec<Spanned<String>>,
     #[serde(default)]
-    allow_headers: Vec<String>,
+    allow_headers: Vec<Spanned<String>>,
     #[serde(default)]
-    expose_headers: Vec<String>,
+    expose_headers: Vec<Spanned<String>>,
     #[serde(default = "default_cors_max_age")]
     max_age_secs: u64,
 }
 
-fn default_cors_methods() -> Vec<String> {
-    ["GET", "POST", "OPTIONS"].map(String::from).to_vec()
+fn default_cors_methods() -> Vec<Spanned<String>> {
+    ["GET", "POST", "OPTIONS"]
+        .map(|method| Spanned::new(0..0, method.to_owned()))
+        .to_vec()
 }
 
 fn default_cors_max_age() -> u64 {
@@ -720,28 +722,35 @@ impl Validator<'_> {
         })
     }
 
-    fn validate_cors(&self, raw: Spanned<RawCors>) -> Result<CorsConfig, String> {
-        let span = raw.span();
-        let raw = raw.into_inner();
+    fn validate_cors(&self, raw: RawCors) -> Result<CorsConfig, String> {
         let lists = [
             &raw.allow_origins,
             &raw.allow_methods,
             &raw.allow_headers,
             &raw.expose_headers,
         ];
-        let unsendable = lists.into_iter().flatten().find(|entry| {
-            entry.is_empty() || !entry.bytes().all(|b| b.is_ascii_graphic() && b != b',')
-        });
-        if let Some(entry) = unsendable {
+        let sendable = |entry: &str| {
+            !entry.is_empty() && entry.bytes().all(|b| b.is_ascii_graphic() && b != b',')
+        };
+        if let Some(entry) = lists
+            .into_iter()
+            .flatten()
+            .find(|entry| !sendable(entry.get_ref()))
+        {
             let message = format!(
-                "routes.cors entry {entry:?} must be one non-empty value of visible ASCII \
-                 without spaces or commas"
+                "routes.cors entry {:?} must be one non-empty value of visible ASCII \
+                 without spaces or commas",
+                entry.get_ref()
             );
-            return self.fail(span, message);
+            return self.fail(entry.span(), message);
         }
-        let list = |entries: &[String]| {
+        let list = |entries: &[Spanned<String>]| {
             (!entries.is_empty()).then(|| {
-                HeaderValue::try_from(entries.join(", ")).expect("entries were checked above")
+                let values: Vec<&str> = entries
+                    .iter()
+                    .map(|entry| entry.get_ref().as_str())
+                    .collect();
+                HeaderValue::try_from(values.join(", ")).expect("entries were checked above")
             })
         };
         Ok(CorsConfig {
@@ -749,7 +758,11 @@ impl Validator<'_> {
             allow_headers: list(&raw.allow_headers),
             expose_headers: list(&raw.expose_headers),
             max_age: HeaderValue::from(raw.max_age_secs),
-            allow_origins: raw.allow_origins,
+            allow_origins: raw
+                .allow_origins
+                .into_iter()
+                .map(Spanned::into_inner)
+                .collect(),
         })
     }
 
@@ -1023,11 +1036,15 @@ mod tests {
         assert_eq!(cors.max_age, "600");
         assert!(cors.expose_headers.is_none());
         for bad in ["bad\\nvalue", "a, b", "", "two words"] {
-            let source = format!("{good}expose_headers = [\"{bad}\"]\n");
+            let source = format!("{good}expose_headers = [\"ok\", \"{bad}\"]\n");
             let error = parse(&source).unwrap_err();
-            assert!(error.starts_with("line 7, column 1: "), "{bad}: {error}");
+            assert!(error.starts_with("line 9, column 25: "), "{bad}: {error}");
             assert!(error.contains("routes.cors"), "{bad}: {error}");
         }
+        // Dotted keys are the same table written another way.
+        let dotted = format!("{base}cors.allow_origins = [\"https://a.example\"]\n");
+        let cors = parse(&dotted).unwrap().routes[0].cors.clone().unwrap();
+        assert_eq!(cors.allow_origins, ["https://a.example"]);
     }
 
     #[test]
