@@ -534,3 +534,47 @@ async fn a_burst_on_a_fresh_gateway_opens_one_connection_per_worker_thread() {
         "{opened} connections for 100 decisions"
     );
 }
+
+/// Statuses of `count` concurrent POSTs to `path`, each from its own address 127.0.`net`.n.
+async fn burst(stack: &Stack, path: &str, net: u8, count: u8) -> Vec<u16> {
+    stream::iter(0..count)
+        .map(|n| {
+            let client = client_from([127, 0, net, n]);
+            let url = stack.url(path);
+            async move { client.post(url).send().await.unwrap().status().as_u16() }
+        })
+        .buffer_unordered(usize::from(count))
+        .collect()
+        .await
+}
+
+#[tokio::test]
+async fn after_redis_restarts_no_decision_fails_on_a_connection_from_before() {
+    let mut redis = RedisServer::start();
+    let store = "timeout_ms = 50\nbreaker_failures = 3\nbreaker_cooldown_ms = 200";
+    let stack = start(config(store, POLICIES), vec![("REDIS_URL", redis.url())]).await;
+    // Both worker threads hold a connection.
+    assert!(burst(&stack, "/api/v1/deny", 67, 20)
+        .await
+        .iter()
+        .all(|s| *s == 200));
+
+    // Redis dies: decisions fail, the breaker opens, `deny` answers 503. The failures come
+    // over one keep-alive connection, so one worker thread sees them and the other keeps the
+    // connection it made before. Then an empty Redis starts on the same port.
+    redis.kill();
+    let one = client_from([127, 0, 68, 1]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while stack.metric("gateway_store_breaker_state").await == 0.0 {
+        assert!(Instant::now() < deadline, "the breaker never opened");
+        let response = one.post(stack.url("/api/v1/deny")).send().await.unwrap();
+        assert_eq!(response.status(), 503);
+    }
+    redis.start_again();
+
+    // Once the breaker closes, every decision is Redis's again: none fails on a connection
+    // that a worker thread made before the restart.
+    stack.wait_ready(Duration::from_secs(5)).await;
+    let statuses = burst(&stack, "/api/v1/deny", 69, 20).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+}

@@ -42,12 +42,17 @@ thread_local! {
     /// decision is a socket write and read, with no hand-off to another thread and back.
     /// The first decision of a thread connects; decisions that arrive meanwhile wait for
     /// that connection instead of opening their own.
-    static THREAD_CONNECTIONS: RefCell<Vec<(u64, Weak<Shared>, ThreadConnection)>> =
-        const { RefCell::new(Vec::new()) };
+    static THREAD_CONNECTIONS: RefCell<Vec<ThreadConnection>> = const { RefCell::new(Vec::new()) };
 }
 
 /// One thread's connection to one store, filled by the first decision that needs it.
-type ThreadConnection = Arc<tokio::sync::OnceCell<Connection>>;
+struct ThreadConnection {
+    store_id: u64,
+    store: Weak<Shared>,
+    /// The store's `outages` when the connection was made.
+    made_after: u64,
+    connection: Arc<tokio::sync::OnceCell<Connection>>,
+}
 
 /// Breaker states, as stored and as exported by `gateway_store_breaker_state`.
 const CLOSED: u8 = 0;
@@ -123,6 +128,9 @@ pub struct RedisStore {
 struct Shared {
     /// This store's number among the process's stores (see `THREAD_CONNECTIONS`).
     id: u64,
+    /// Outages the breaker has recovered from. A thread's connection made before the latest
+    /// one is not trusted after it (Redis may have restarted under it) and is made afresh.
+    outages: AtomicU64,
     settings: RedisSettings,
     /// The supervisor's connection, for probes. `None` until the supervisor first connects.
     /// Both kinds of connection reconnect by themselves after that, so the slot is filled once.
@@ -164,6 +172,7 @@ impl RedisStore {
         metrics.store_breaker_state.set(i64::from(OPEN));
         let shared = Arc::new(Shared {
             id: NEXT_STORE_ID.fetch_add(1, Ordering::Relaxed),
+            outages: AtomicU64::new(0),
             settings,
             connection: ArcSwapOption::empty(),
             script: Script::new(DECISION_SCRIPT),
@@ -296,22 +305,32 @@ impl Shared {
     /// The calling thread's connection to this store, made on first use (within the decision's
     /// timeout). It reconnects by itself afterwards, like the supervisor's.
     async fn thread_connection(this: &Arc<Shared>) -> RedisResult<Connection> {
+        let outages = this.outages.load(Ordering::Acquire);
         let cell = THREAD_CONNECTIONS.with_borrow_mut(|connections| {
-            if let Some((_, _, cell)) = connections.iter().find(|(id, _, _)| *id == this.id) {
-                return cell.clone();
+            let current = connections
+                .iter()
+                .find(|entry| entry.store_id == this.id && entry.made_after == outages);
+            if let Some(entry) = current {
+                return entry.connection.clone();
             }
-            // Connections of stores that are gone (a test's, say) are closed here.
-            connections.retain(|(_, store, _)| store.strong_count() > 0);
-            let cell = ThreadConnection::default();
-            connections.push((this.id, Arc::downgrade(this), cell.clone()));
-            cell
+            // Connections of stores that are gone (a test's, say), or made before this store's
+            // latest outage, are closed here.
+            connections.retain(|entry| entry.store_id != this.id && entry.store.strong_count() > 0);
+            let connection = Arc::new(tokio::sync::OnceCell::new());
+            connections.push(ThreadConnection {
+                store_id: this.id,
+                store: Arc::downgrade(this),
+                made_after: outages,
+                connection: connection.clone(),
+            });
+            connection
         });
         cell.get_or_try_init(|| this.connect()).await.cloned()
     }
 
     fn forget_thread_connection(&self) {
         THREAD_CONNECTIONS.with_borrow_mut(|connections| {
-            connections.retain(|(id, _, _)| *id != self.id);
+            connections.retain(|entry| entry.store_id != self.id);
         });
     }
 
@@ -359,6 +378,8 @@ impl Shared {
     /// Closes the breaker after a successful probe.
     fn recovered(&self) {
         self.breaker.failures.store(0, Ordering::Relaxed);
+        // Before the breaker closes, so that no decision after it uses an older connection.
+        self.outages.fetch_add(1, Ordering::AcqRel);
         let previous = self.breaker.state.swap(CLOSED, Ordering::AcqRel);
         self.metrics.store_breaker_state.set(i64::from(CLOSED));
         if previous != CLOSED {

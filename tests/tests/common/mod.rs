@@ -433,29 +433,37 @@ impl RedisServer {
     fn spawn(extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
-        let child = Command::new("redis-server")
-            .current_dir(dir.path())
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
-            .args(extra)
-            .stdout(Stdio::null())
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed");
         let server = Self {
             port,
-            child,
+            child: launch_redis(dir.path(), port, extra),
             _dir: dir,
         };
+        server.wait_up();
+        server
+    }
+
+    fn wait_up(&self) {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while server.cli(&["PING"]).trim() != "PONG" {
+        while self.cli(&["PING"]).trim() != "PONG" {
+            let port = self.port;
             assert!(
                 Instant::now() < deadline,
                 "redis-server on {port} did not start"
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        server
+    }
+
+    /// Kills the server (SIGKILL: its data and connections are gone).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts an empty server on the port of a killed one.
+    pub fn start_again(&mut self) {
+        self.child = launch_redis(self._dir.path(), self.port, &[]);
+        self.wait_up();
     }
 
     pub fn url(&self) -> String {
@@ -484,6 +492,18 @@ impl Drop for RedisServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+fn launch_redis(dir: &std::path::Path, port: u16, extra: &[&str]) -> Child {
+    Command::new("redis-server")
+        .current_dir(dir)
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("redis-server is installed")
 }
 
 /// Runs `redis-cli -p port args...` on loopback and returns its output.
