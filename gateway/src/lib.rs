@@ -7,11 +7,13 @@
 //! - [`limiter`]: which limits apply and what the client is told;
 //! - [`store`]: where counts live and the all-or-nothing decision;
 //! - [`generation`] and [`reload`]: the configuration in force and how it is replaced;
-//! - [`proxy`]: the Pingora phases that tie these together;
+//! - [`proxy`]: the life of a request, tying these together;
+//! - [`forward`] and [`upstream`]: the exchange with the upstream and its pooled connections;
 //! - [`admin`] and [`metrics`]: the private listener and what it exports.
 
 pub mod admin;
 pub mod config;
+pub mod forward;
 pub mod generation;
 pub mod identity;
 pub mod limiter;
@@ -20,3 +22,4 @@ pub mod proxy;
 pub mod reload;
 pub mod routing;
 pub mod store;
+pub mod upstream;

@@ -165,7 +165,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         current,
         metrics: metrics.clone(),
     };
-    let mut proxy = pingora::proxy::http_proxy_service(&server.configuration, gateway);
+    let mut proxy = Service::new("gateway".into(), gateway);
     proxy.add_tcp(&listen);
     let mut admin = Service::new(
         "admin".into(),

@@ -1,19 +1,21 @@
-//! The Pingora phases of a request, kept thin: each phase hands its decision to the module
-//! that owns it and only moves data between them.
+//! The life of a request at the gateway, kept thin: each step hands its decision to the
+//! module that owns it and only moves data between them.
 //!
-//! Life of a request:
-//! 1. `new_ctx`: pin the configuration generation in force for the whole request.
-//! 2. `request_filter`: normalise the path; answer health probes; route; check the head size;
-//!    exempt the Stripe webhook; answer CORS preflights; identify the caller; decide the
-//!    limits; answer 401, 413, 431, 429 or 503 (store down, `deny` policy) directly when the
-//!    request must not go upstream. Only a request that a limit covers reaches the store.
-//! 3. `request_body_filter`: enforce the body ceiling and the whole-body deadline.
-//! 4. `upstream_peer` / `upstream_request_filter`: pick the routed upstream and send it the
-//!    normalised path and the resolved client address; the body passes through untouched.
-//! 5. `response_filter`: replace any rate-limit and CORS headers of the upstream with ours.
-//! 6. `logging`: count the request by route and status.
+//! 1. Read the request head (Pingora's HTTP/1 codec) and pin the configuration generation
+//!    in force for the whole request.
+//! 2. [`Gateway::screen`]: normalise the path; answer health probes; route; check the head
+//!    size; exempt the Stripe webhook; answer CORS preflights; identify the caller; decide
+//!    the limits; answer 401, 413, 431, 429 or 503 (store down, `deny` policy) directly when
+//!    the request must not go upstream. Only a request that a limit covers reaches the store.
+//! 3. Otherwise [`forward`](crate::forward): the routed upstream gets the normalised path and
+//!    the resolved client address, the body passes through untouched under its ceiling and
+//!    deadline, and the response comes back with the gateway's rate-limit and CORS headers
+//!    in place of any the upstream sent.
+//! 4. A failure becomes a problem document with the status that names it (408, 413, 502);
+//!    then the request is counted by route and status and the connection is kept for the
+//!    client's next request when it can be.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -21,12 +23,14 @@ use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue};
+use pingora::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream};
 use pingora::http::{RequestHeader, ResponseHeader};
-use pingora::prelude::{HttpPeer, ProxyHttp, Session};
-use pingora::proxy::FailToProxy;
+use pingora::protocols::http::ServerSession;
+use pingora::server::ShutdownWatch;
 use pingora::{Error, ErrorSource, ErrorType, Result};
 
 use crate::config::{CorsConfig, FailurePolicy, InvalidTokenPolicy, RouteConfig};
+use crate::forward::{self, BodyRules};
 use crate::generation::Generation;
 use crate::identity::Caller;
 use crate::limiter::Decision;
@@ -52,7 +56,8 @@ const CORS_HEADERS: [&str; 2] = [
     "access-control-expose-headers",
 ];
 
-/// The proxy: the generation in force and the process-wide metrics.
+/// The proxy, as a Pingora HTTP server app: the generation in force and the process-wide
+/// metrics.
 pub struct Gateway {
     pub current: Arc<ArcSwap<Generation>>,
     pub metrics: Arc<Metrics>,
@@ -70,7 +75,6 @@ pub struct RequestContext {
     cors_origin: Option<HeaderValue>,
     decision: Option<Decision>,
     body_limit: u64,
-    body_seen: u64,
 }
 
 impl RequestContext {
@@ -86,10 +90,50 @@ impl RequestContext {
 }
 
 #[async_trait]
-impl ProxyHttp for Gateway {
-    type CTX = RequestContext;
+impl HttpServerApp for Gateway {
+    /// Serves one request of a client connection and hands the connection back for the next
+    /// one when it can be kept.
+    async fn process_new_http(
+        self: &Arc<Self>,
+        mut session: ServerSession,
+        shutdown: &ShutdownWatch,
+    ) -> Option<ReusedHttpStream> {
+        match session.read_request().await {
+            Ok(true) => {}
+            Ok(false) => return None,
+            Err(error) => {
+                if matches!(error.etype(), ErrorType::InvalidHTTPHeader) {
+                    let _ = session.respond_error(400).await;
+                }
+                tracing::debug!(%error, "unreadable request");
+                session.shutdown().await;
+                return None;
+            }
+        }
+        if *shutdown.borrow() {
+            session.set_keepalive(None);
+        }
 
-    fn new_ctx(&self) -> Self::CTX {
+        let mut ctx = self.new_ctx();
+        let served = match self.serve(&mut session, &mut ctx).await {
+            Ok(()) => true,
+            Err(error) => {
+                self.fail(&mut session, &error, &ctx).await;
+                false
+            }
+        };
+        self.count_request(&session, &ctx);
+        if !served {
+            return None;
+        }
+        let settings = HttpPersistentSettings::for_session(&session);
+        let reusable = session.finish().await.ok()??;
+        Some(ReusedHttpStream::from_reusable_stream(reusable, settings))
+    }
+}
+
+impl Gateway {
+    fn new_ctx(&self) -> RequestContext {
         RequestContext {
             generation: self.current.load_full(),
             started: Instant::now(),
@@ -100,11 +144,43 @@ impl ProxyHttp for Gateway {
             cors_origin: None,
             decision: None,
             body_limit: u64::MAX,
-            body_seen: 0,
         }
     }
 
-    async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
+    /// Answers the request at the gateway, or sends it upstream.
+    async fn serve(&self, session: &mut ServerSession, ctx: &mut RequestContext) -> Result<()> {
+        if self.screen(session, ctx).await? {
+            return Ok(());
+        }
+        if expects_continue(session) {
+            session
+                .write_continue_response()
+                .await
+                .map_err(Error::into_down)?;
+        }
+        let upstream = ctx
+            .route
+            .as_ref()
+            .map(|route| route.upstream)
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "request has no route"))?;
+        let body = BodyRules {
+            max_bytes: ctx.body_limit,
+            deadline: ctx.started + Duration::from_secs(ctx.generation.config.body_timeout_secs),
+        };
+        let ctx = &*ctx;
+        forward::forward(
+            session,
+            upstream,
+            &body,
+            |session| upstream_request(session, ctx),
+            |response| filter_response(response, ctx),
+        )
+        .await
+    }
+
+    /// Decides whether the gateway answers the request itself (`true`, answer written) or
+    /// lets it go upstream (`false`, with the decision and route kept in `ctx`).
+    async fn screen(&self, session: &mut ServerSession, ctx: &mut RequestContext) -> Result<bool> {
         let generation = ctx.generation.clone();
         let config = &generation.config;
         session.set_read_timeout(Some(Duration::from_secs(config.body_read_timeout_secs)));
@@ -237,104 +313,9 @@ impl ProxyHttp for Gateway {
         Ok(true)
     }
 
-    async fn request_body_filter(
-        &self,
-        _session: &mut Session,
-        body: &mut Option<Bytes>,
-        _end_of_stream: bool,
-        ctx: &mut Self::CTX,
-    ) -> Result<()> {
-        let Some(chunk) = body.as_ref() else {
-            return Ok(());
-        };
-        ctx.body_seen += chunk.len() as u64;
-        if ctx.body_seen > ctx.body_limit {
-            return Error::e_explain(ErrorType::HTTPStatus(413), "request body over the ceiling");
-        }
-        let deadline = Duration::from_secs(ctx.generation.config.body_timeout_secs);
-        if ctx.started.elapsed() > deadline {
-            return Error::e_explain(ErrorType::HTTPStatus(408), "request body too slow");
-        }
-        Ok(())
-    }
-
-    async fn upstream_peer(
-        &self,
-        _session: &mut Session,
-        ctx: &mut Self::CTX,
-    ) -> Result<Box<HttpPeer>> {
-        let upstream: SocketAddr = ctx
-            .route
-            .as_ref()
-            .map(|route| route.upstream)
-            .ok_or_else(|| Error::explain(ErrorType::InternalError, "request has no route"))?;
-        Ok(Box::new(HttpPeer::new(upstream, false, String::new())))
-    }
-
-    async fn upstream_request_filter(
-        &self,
-        _session: &mut Session,
-        request: &mut RequestHeader,
-        ctx: &mut Self::CTX,
-    ) -> Result<()> {
-        if let Some(client) = ctx.client_ip {
-            // The app learns the address we resolved, never the client's own claim.
-            request.insert_header("x-forwarded-for", address_value(client))?;
-            request.remove_header("forwarded");
-        }
-        if request.uri.path() == ctx.normalised_path {
-            return Ok(());
-        }
-        let target = match request.uri.query() {
-            Some(query) => format!("{}?{query}", ctx.normalised_path),
-            None => ctx.normalised_path.clone(),
-        };
-        let uri = target.parse().map_err(|_| {
-            Error::explain(ErrorType::InternalError, "normalised path is not a URI")
-        })?;
-        request.set_uri(uri);
-        Ok(())
-    }
-
-    async fn response_filter(
-        &self,
-        _session: &mut Session,
-        response: &mut ResponseHeader,
-        ctx: &mut Self::CTX,
-    ) -> Result<()> {
-        if let Some(decision) = &ctx.decision {
-            let headers = decision.headers();
-            if !headers.is_empty() {
-                remove_owned(response, &RATE_LIMIT_HEADERS);
-                for (name, value) in headers {
-                    response.insert_header(name, value)?;
-                }
-            }
-        }
-        if ctx.cors().is_some() {
-            remove_owned(response, &CORS_HEADERS);
-            let varies_by_origin = response.headers.get_all("vary").iter().any(|value| {
-                let value = value.to_str().unwrap_or_default();
-                value
-                    .split(',')
-                    .any(|field| field.trim().eq_ignore_ascii_case("origin"))
-            });
-            for (name, value) in cors_headers(ctx.cors(), ctx.cors_origin.as_ref()) {
-                if name == "vary" && varies_by_origin {
-                    continue;
-                }
-                response.append_header(name, value)?;
-            }
-        }
-        Ok(())
-    }
-
-    async fn fail_to_proxy(
-        &self,
-        session: &mut Session,
-        error: &Error,
-        ctx: &mut Self::CTX,
-    ) -> FailToProxy {
+    /// Answers a request whose exchange failed with the status that names the failure, unless
+    /// an answer is already under way or the client is gone; the connection then closes.
+    async fn fail(&self, session: &mut ServerSession, error: &Error, ctx: &RequestContext) {
         let status = match (error.etype(), error.esource()) {
             (ErrorType::HTTPStatus(code), _) => *code,
             (ErrorType::ReadTimedout, ErrorSource::Downstream) => 408,
@@ -346,7 +327,10 @@ impl ProxyHttp for Gateway {
             (_, ErrorSource::Upstream) => 502,
             _ => 500,
         };
-        if status > 0 && session.response_written().is_none() {
+        let answered = session
+            .response_written()
+            .is_some_and(|response| !response.status.is_informational());
+        if status > 0 && !answered {
             let title = match status {
                 413 => "Content Too Large",
                 _ => http::StatusCode::from_u16(status)
@@ -364,20 +348,16 @@ impl ProxyHttp for Gateway {
                 tracing::debug!(%error, "could not send the error response");
             }
         }
-        FailToProxy {
-            error_code: status,
-            can_reuse_downstream: false,
+        // A client that stalls, hangs up or sends too much is answered and counted, not an
+        // operator's problem.
+        let clients_doing = error.esource() == &ErrorSource::Downstream
+            || matches!(error.etype(), ErrorType::HTTPStatus(_));
+        if !clients_doing {
+            tracing::warn!(route = ctx.route_label(), %error, "request failed");
         }
     }
 
-    fn suppress_error_log(&self, _session: &Session, _ctx: &Self::CTX, error: &Error) -> bool {
-        // A client that stalls, hangs up or sends too much is answered and counted, not an
-        // operator's problem.
-        error.esource() == &ErrorSource::Downstream
-            || matches!(error.etype(), ErrorType::HTTPStatus(_))
-    }
-
-    async fn logging(&self, session: &mut Session, _error: Option<&Error>, ctx: &mut Self::CTX) {
+    fn count_request(&self, session: &ServerSession, ctx: &RequestContext) {
         let status = session
             .response_written()
             .map_or(0, |response| response.status.as_u16());
@@ -386,9 +366,7 @@ impl ProxyHttp for Gateway {
             .with_label_values(&[ctx.route_label(), &status.to_string()])
             .inc();
     }
-}
 
-impl Gateway {
     fn count_decision(&self, decision: &Decision) {
         let outcome = if decision.admitted {
             "allowed"
@@ -429,7 +407,11 @@ impl Gateway {
     }
 
     /// Answers 401 with a bearer challenge; used when invalid tokens are configured to reject.
-    async fn refuse_token(&self, session: &mut Session, ctx: &RequestContext) -> Result<bool> {
+    async fn refuse_token(
+        &self,
+        session: &mut ServerSession,
+        ctx: &RequestContext,
+    ) -> Result<bool> {
         let challenge = HeaderValue::from_static("Bearer error=\"invalid_token\"");
         let mut headers = vec![("www-authenticate", challenge)];
         headers.extend(cors_headers(ctx.cors(), ctx.cors_origin.as_ref()));
@@ -446,7 +428,7 @@ impl Gateway {
     /// Answers 429 with the rate-limit headers and a problem body; the upstream is not called.
     async fn refuse(
         &self,
-        session: &mut Session,
+        session: &mut ServerSession,
         ctx: &RequestContext,
         method: &str,
         caller: &Caller,
@@ -479,13 +461,75 @@ impl Gateway {
     }
 }
 
+/// The head the upstream receives: the client's, with the address the gateway resolved in
+/// place of any forwarding claim, and the normalised path.
+fn upstream_request(session: &ServerSession, ctx: &RequestContext) -> Result<Box<RequestHeader>> {
+    let mut request = forward::upstream_head(session)?;
+    if let Some(client) = ctx.client_ip {
+        // The app learns the address we resolved, never the client's own claim.
+        request.insert_header("x-forwarded-for", address_value(client))?;
+        request.remove_header("forwarded");
+    }
+    if request.uri.path() == ctx.normalised_path {
+        return Ok(request);
+    }
+    let target = match request.uri.query() {
+        Some(query) => format!("{}?{query}", ctx.normalised_path),
+        None => ctx.normalised_path.clone(),
+    };
+    let uri = target
+        .parse()
+        .map_err(|_| Error::explain(ErrorType::InternalError, "normalised path is not a URI"))?;
+    request.set_uri(uri);
+    Ok(request)
+}
+
+/// Puts the gateway's rate-limit and CORS headers on an upstream response, in place of any
+/// copies the upstream sent.
+fn filter_response(response: &mut ResponseHeader, ctx: &RequestContext) -> Result<()> {
+    if let Some(decision) = &ctx.decision {
+        let headers = decision.headers();
+        if !headers.is_empty() {
+            remove_owned(response, &RATE_LIMIT_HEADERS);
+            for (name, value) in headers {
+                response.insert_header(name, value)?;
+            }
+        }
+    }
+    if ctx.cors().is_some() {
+        remove_owned(response, &CORS_HEADERS);
+        let varies_by_origin = response.headers.get_all("vary").iter().any(|value| {
+            let value = value.to_str().unwrap_or_default();
+            value
+                .split(',')
+                .any(|field| field.trim().eq_ignore_ascii_case("origin"))
+        });
+        for (name, value) in cors_headers(ctx.cors(), ctx.cors_origin.as_ref()) {
+            if name == "vary" && varies_by_origin {
+                continue;
+            }
+            response.append_header(name, value)?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether the client waits for `100 Continue` before it sends its body.
+fn expects_continue(session: &ServerSession) -> bool {
+    session
+        .req_header()
+        .headers
+        .get(http::header::EXPECT)
+        .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+}
+
 /// Largest request body read and discarded so that a refused request's connection stays
 /// open for the client's next request; a larger or unreadable one closes the connection.
 const DRAIN_LIMIT_BYTES: usize = 64 * 1024;
 
 /// Consumes the body of a request the gateway answers itself, when it is small, so that a
 /// keep-alive or pipelining client can go on with its next request on the same connection.
-async fn drain_small_body(session: &mut Session) {
+async fn drain_small_body(session: &mut ServerSession) {
     let mut drained = 0;
     loop {
         match session.read_request_body().await {
@@ -503,7 +547,7 @@ async fn drain_small_body(session: &mut Session) {
 }
 
 /// Answers 413 before reading a body whose declared length is over the route's ceiling.
-async fn refuse_oversized(session: &mut Session, ctx: &RequestContext) -> Result<bool> {
+async fn refuse_oversized(session: &mut ServerSession, ctx: &RequestContext) -> Result<bool> {
     let declared = session
         .req_header()
         .headers
@@ -605,7 +649,7 @@ fn address_value(address: IpAddr) -> HeaderValue {
     HeaderValue::try_from(text).expect("an address is a valid value")
 }
 
-fn peer_ip(session: &Session) -> IpAddr {
+fn peer_ip(session: &ServerSession) -> IpAddr {
     session
         .client_addr()
         .and_then(|address| address.as_inet())
@@ -629,7 +673,7 @@ fn problem(status: u16, title: &str, detail: &str) -> Vec<u8> {
 }
 
 async fn respond_problem(
-    session: &mut Session,
+    session: &mut ServerSession,
     ctx: &RequestContext,
     status: u16,
     title: &str,
@@ -648,7 +692,7 @@ async fn respond_problem(
 }
 
 async fn respond(
-    session: &mut Session,
+    session: &mut ServerSession,
     status: u16,
     content_type: &str,
     headers: &[Field],
@@ -662,12 +706,10 @@ async fn respond(
     for (name, value) in headers {
         response.append_header(*name, value.clone())?;
     }
-    session
-        .write_response_header(Box::new(response), body.is_empty())
-        .await?;
+    session.write_response_header(Box::new(response)).await?;
     if !body.is_empty() {
         session
-            .write_response_body(Some(Bytes::copy_from_slice(body)), true)
+            .write_response_body(Bytes::copy_from_slice(body), true)
             .await?;
     }
     Ok(())

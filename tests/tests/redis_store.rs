@@ -515,15 +515,7 @@ async fn a_burst_on_a_fresh_gateway_opens_one_connection_per_worker_thread() {
 
     // 100 concurrent first decisions: each worker thread connects once, and the decisions that
     // arrive while it does wait for that connection rather than opening their own.
-    let statuses: Vec<u16> = stream::iter(0..100u8)
-        .map(|n| {
-            let client = client_from([127, 0, 66, n]);
-            let url = stack.url("/api/v1/roomy");
-            async move { client.post(url).send().await.unwrap().status().as_u16() }
-        })
-        .buffer_unordered(100)
-        .collect()
-        .await;
+    let statuses = burst(&stack, "/api/v1/roomy", 66, 100).await;
     assert!(statuses.iter().all(|status| *status == 200), "{statuses:?}");
 
     // This reading's own connection is the one more.

@@ -1,0 +1,204 @@
+//! The upstream half of a proxied request: the request head as the upstream sees it, the body
+//! streamed to it, and its response streamed back.
+//!
+//! An exchange is sequential: the request and its body go first, then the response comes
+//! back. Bodies stream chunk by chunk in both directions and are never buffered whole or
+//! re-encoded; only the framing of a chunked body is rewritten by Pingora's codec. Hop-by-hop
+//! fields (RFC 9110 section 7.6.1) end at the gateway in both directions. Protocol upgrades
+//! are not proxied: the upstream never sees `Upgrade` and answers as to a plain request.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderName};
+use http::Version;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::protocols::http::ServerSession;
+use pingora::{Error, ErrorType, Result};
+
+use crate::upstream::{self, upstream_error, Connection};
+
+/// What bounds the request body on its way upstream.
+pub struct BodyRules {
+    /// Largest body the route accepts, in bytes; beyond it the exchange fails with 413.
+    pub max_bytes: u64,
+    /// When the whole body must have arrived; after it the exchange fails with 408.
+    pub deadline: Instant,
+}
+
+/// Request fields that concern one connection only and are never forwarded (RFC 9110 section
+/// 7.6.1, plus the non-standard `Proxy-Connection`). `Transfer-Encoding` is kept when the
+/// body is chunked, since the upstream needs the framing.
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::UPGRADE,
+];
+
+/// Fields a client could otherwise get removed by naming them in `Connection`: the gateway
+/// writes or relies on these, so a nomination of them is ignored.
+const PROTECTED: [HeaderName; 4] = [
+    header::HOST,
+    header::CONTENT_LENGTH,
+    header::TRANSFER_ENCODING,
+    HeaderName::from_static("x-forwarded-for"),
+];
+
+/// Sends the request upstream and relays the answer. `request` builds the head the upstream
+/// receives (it is called again if a pooled connection turns out to be closed and the
+/// request has no body to replay); `respond` edits the response head before the client sees
+/// it. Errors carry their side: downstream errors are the client's, the rest the upstream's.
+pub async fn forward(
+    session: &mut ServerSession,
+    upstream: SocketAddr,
+    body: &BodyRules,
+    request: impl Fn(&ServerSession) -> Result<Box<RequestHeader>>,
+    respond: impl FnOnce(&mut ResponseHeader) -> Result<()>,
+) -> Result<()> {
+    let replayable = session.is_body_empty();
+    let mut connection = upstream::connect(upstream).await.map_err(upstream_error)?;
+    let mut answered = send(session, &mut connection, body, request(session)?).await;
+    if answered.is_err() && connection.reused && replayable {
+        // The upstream closed the pooled connection while it idled; a request without a
+        // body is safe to send once more on a new one.
+        connection = upstream::connect_fresh(upstream)
+            .await
+            .map_err(upstream_error)?;
+        answered = send(session, &mut connection, body, request(session)?).await;
+    }
+    answered?;
+
+    let mut response = connection
+        .session
+        .resp_header()
+        .cloned()
+        .map(Box::new)
+        .ok_or_else(|| upstream_error(Error::new(ErrorType::InvalidHTTPHeader)))?;
+    prepare_response(session, &mut response)?;
+    respond(&mut response)?;
+    session
+        .write_response_header(response)
+        .await
+        .map_err(Error::into_down)?;
+    while let Some(chunk) = relay_chunk(&mut connection).await? {
+        session
+            .write_response_body(chunk, false)
+            .await
+            .map_err(Error::into_down)?;
+    }
+    connection.release().await;
+    Ok(())
+}
+
+/// Writes the head and the body, then reads the response head, skipping interim 1xx answers
+/// (a `100 Continue` was already given to the client by the gateway itself).
+async fn send(
+    session: &mut ServerSession,
+    connection: &mut Connection,
+    rules: &BodyRules,
+    head: Box<RequestHeader>,
+) -> Result<()> {
+    let upstream = &mut connection.session;
+    upstream
+        .write_request_header(head)
+        .await
+        .map_err(upstream_error)?;
+    let mut received = 0u64;
+    while let Some(chunk) = session
+        .read_request_body()
+        .await
+        .map_err(Error::into_down)?
+    {
+        received += chunk.len() as u64;
+        if received > rules.max_bytes {
+            return Error::e_explain(ErrorType::HTTPStatus(413), "request body over the ceiling");
+        }
+        if Instant::now() > rules.deadline {
+            return Error::e_explain(ErrorType::HTTPStatus(408), "request body too slow");
+        }
+        upstream.write_body(&chunk).await.map_err(upstream_error)?;
+    }
+    upstream.finish_body().await.map_err(upstream_error)?;
+    loop {
+        upstream.read_response().await.map_err(upstream_error)?;
+        let status = upstream
+            .resp_header()
+            .map(|response| response.status.as_u16());
+        match status {
+            Some(101) => {
+                let error = Error::explain(ErrorType::InvalidHTTPHeader, "upgrade not asked for");
+                return Err(upstream_error(error));
+            }
+            Some(100..=199) => continue,
+            _ => return Ok(()),
+        }
+    }
+}
+
+async fn relay_chunk(connection: &mut Connection) -> Result<Option<Bytes>> {
+    connection
+        .session
+        .read_body_bytes()
+        .await
+        .map_err(upstream_error)
+}
+
+/// The client's request head as the upstream should receive it: HTTP/1.1, without
+/// hop-by-hop fields or fields the client's `Connection` names, and without `Expect` (the
+/// gateway answers `100 Continue` itself).
+pub fn upstream_head(session: &ServerSession) -> Result<Box<RequestHeader>> {
+    let mut head = Box::new(session.req_header().clone());
+    head.set_version(Version::HTTP_11);
+
+    let nominated: Vec<HeaderName> = head
+        .headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .filter(|name| !PROTECTED.contains(name))
+        .collect();
+    for name in nominated.iter().chain(HOP_BY_HOP.iter()) {
+        head.remove_header(name);
+    }
+    head.remove_header(&header::EXPECT);
+    if session
+        .req_header()
+        .headers
+        .contains_key(header::TRANSFER_ENCODING)
+    {
+        // Pingora's reader decodes a chunked body; the writer chunks it again for the
+        // upstream. A length beside chunked framing is meaningless (RFC 9112 section 6.3).
+        head.remove_header(&header::CONTENT_LENGTH);
+        head.insert_header(header::TRANSFER_ENCODING, "chunked")?;
+    }
+    Ok(head)
+}
+
+/// Readies the upstream's response head for the client: HTTP/1.1, its own connection fields
+/// dropped (Pingora writes the client's), and a body without a length sent chunked so the
+/// client's connection can stay open.
+fn prepare_response(session: &ServerSession, response: &mut ResponseHeader) -> Result<()> {
+    response.set_version(Version::HTTP_11);
+    for name in [
+        header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        header::UPGRADE,
+    ] {
+        response.remove_header(&name);
+    }
+    let no_body = session.req_header().method == http::Method::HEAD
+        || matches!(response.status.as_u16(), 204 | 304);
+    let framed = response.headers.contains_key(header::TRANSFER_ENCODING)
+        || response.headers.contains_key(header::CONTENT_LENGTH);
+    if !no_body && !framed {
+        response.insert_header(header::TRANSFER_ENCODING, "chunked")?;
+    }
+    Ok(())
+}
