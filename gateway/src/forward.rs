@@ -11,8 +11,8 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::header::{self, HeaderName};
-use http::Version;
+use http::header::{self, HeaderName, HeaderValue};
+use http::{request, response, Version};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::ServerSession;
 use pingora::{Error, ErrorType, Result};
@@ -53,12 +53,17 @@ const PROTECTED: [HeaderName; 4] = [
 /// receives (it is called again if a pooled connection turns out to be closed and the
 /// request has no body to replay); `respond` edits the response head before the client sees
 /// it. Errors carry their side: downstream errors are the client's, the rest the upstream's.
+///
+/// Heads are edited as plain `http` parts and written without Pingora's map of original
+/// name case: each field edit is then one map operation with a ready name, instead of a
+/// name parsed and stored twice. Names therefore leave the gateway in lower case (a few
+/// common ones title-cased), which HTTP/1.1 allows (RFC 9110 section 5.1).
 pub async fn forward(
     session: &mut ServerSession,
     upstream: SocketAddr,
     body: &BodyRules,
     request: impl Fn(&ServerSession) -> Result<Box<RequestHeader>>,
-    respond: impl FnOnce(&mut ResponseHeader) -> Result<()>,
+    respond: impl FnOnce(&mut response::Parts) -> Result<()>,
 ) -> Result<()> {
     let replayable = session.is_body_empty();
     let mut connection = upstream::connect(upstream).await.map_err(upstream_error)?;
@@ -73,16 +78,20 @@ pub async fn forward(
     }
     answered?;
 
-    let mut response = connection
+    let answer = connection
         .session
         .resp_header()
-        .cloned()
-        .map(Box::new)
         .ok_or_else(|| upstream_error(Error::new(ErrorType::InvalidHTTPHeader)))?;
-    prepare_response(session, &mut response)?;
-    respond(&mut response)?;
+    let mut parts = answer.as_owned_parts();
+    prepare_response(session, &mut parts);
+    respond(&mut parts)?;
+    let mut response = ResponseHeader::from(parts);
+    let reason = answer.get_reason_phrase();
+    if reason != response.status.canonical_reason() {
+        response.set_reason_phrase(reason)?;
+    }
     session
-        .write_response_header(response)
+        .write_response_header(Box::new(response))
         .await
         .map_err(Error::into_down)?;
     while let Some(chunk) = relay_chunk(&mut connection).await? {
@@ -150,10 +159,10 @@ async fn relay_chunk(connection: &mut Connection) -> Result<Option<Bytes>> {
 
 /// The client's request head as the upstream should receive it: HTTP/1.1, without
 /// hop-by-hop fields or fields the client's `Connection` names, and without `Expect` (the
-/// gateway answers `100 Continue` itself).
-pub fn upstream_head(session: &ServerSession) -> Result<Box<RequestHeader>> {
-    let mut head = Box::new(session.req_header().clone());
-    head.set_version(Version::HTTP_11);
+/// gateway answers `100 Continue` itself). [`RequestHeader::from`] makes it writable.
+pub fn upstream_head(session: &ServerSession) -> request::Parts {
+    let mut head = session.req_header().as_owned_parts();
+    head.version = Version::HTTP_11;
 
     let nominated: Vec<HeaderName> = head
         .headers
@@ -165,40 +174,37 @@ pub fn upstream_head(session: &ServerSession) -> Result<Box<RequestHeader>> {
         .filter(|name| !PROTECTED.contains(name))
         .collect();
     for name in nominated.iter().chain(HOP_BY_HOP.iter()) {
-        head.remove_header(name);
+        head.headers.remove(name);
     }
-    head.remove_header(&header::EXPECT);
-    if session
-        .req_header()
-        .headers
-        .contains_key(header::TRANSFER_ENCODING)
-    {
+    head.headers.remove(header::EXPECT);
+    if head.headers.contains_key(header::TRANSFER_ENCODING) {
         // Pingora's reader decodes a chunked body; the writer chunks it again for the
         // upstream. A length beside chunked framing is meaningless (RFC 9112 section 6.3).
-        head.remove_header(&header::CONTENT_LENGTH);
-        head.insert_header(header::TRANSFER_ENCODING, "chunked")?;
+        head.headers.remove(header::CONTENT_LENGTH);
+        let chunked = HeaderValue::from_static("chunked");
+        head.headers.insert(header::TRANSFER_ENCODING, chunked);
     }
-    Ok(head)
+    head
 }
 
 /// Readies the upstream's response head for the client: HTTP/1.1, its own connection fields
 /// dropped (Pingora writes the client's), and a body without a length sent chunked so the
 /// client's connection can stay open.
-fn prepare_response(session: &ServerSession, response: &mut ResponseHeader) -> Result<()> {
-    response.set_version(Version::HTTP_11);
+fn prepare_response(session: &ServerSession, response: &mut response::Parts) {
+    response.version = Version::HTTP_11;
     for name in [
         header::CONNECTION,
         HeaderName::from_static("keep-alive"),
         header::UPGRADE,
     ] {
-        response.remove_header(&name);
+        response.headers.remove(name);
     }
     let no_body = session.req_header().method == http::Method::HEAD
         || matches!(response.status.as_u16(), 204 | 304);
     let framed = response.headers.contains_key(header::TRANSFER_ENCODING)
         || response.headers.contains_key(header::CONTENT_LENGTH);
     if !no_body && !framed {
-        response.insert_header(header::TRANSFER_ENCODING, "chunked")?;
+        let chunked = HeaderValue::from_static("chunked");
+        response.headers.insert(header::TRANSFER_ENCODING, chunked);
     }
-    Ok(())
 }

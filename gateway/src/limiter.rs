@@ -11,11 +11,20 @@
 
 use std::sync::Arc;
 
+use http::header::{HeaderName, RETRY_AFTER};
 use http::HeaderValue;
 
 use crate::config::{Audience, FailurePolicy, LimitConfig, LimitMode, PathMatch};
 use crate::identity::Caller;
 use crate::store::{StoreError, Stores, Verdict, Window};
+
+/// The rate-limit response fields, as ready names: the IETF draft's two and the widespread
+/// `X-RateLimit-*` three. The gateway owns them on limited routes.
+pub const X_RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+pub const X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+pub const X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+pub const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 
 /// Suffix of the per-fingerprint member of a limit split by fingerprint.
 const FINGERPRINT_SUFFIX: &str = "-per-fingerprint";
@@ -301,7 +310,7 @@ impl Decision {
     /// member per limit, `"name";q=<quantity>;w=<window>` and `"name";r=<remaining>;t=<reset>`.
     /// Every admitted request on a limited route pays for these, so the values are written
     /// straight into header values rather than through intermediate strings.
-    pub fn headers(&self) -> Vec<(&'static str, HeaderValue)> {
+    pub fn headers(&self) -> Vec<(HeaderName, HeaderValue)> {
         let Some(main) = self.most_restrictive() else {
             return Vec::new();
         };
@@ -327,17 +336,17 @@ impl Decision {
             }
         }
         let mut headers = Vec::with_capacity(6);
-        headers.push(("x-ratelimit-limit", HeaderValue::from(main.quantity)));
-        headers.push(("x-ratelimit-remaining", HeaderValue::from(main.remaining)));
-        headers.push(("x-ratelimit-reset", HeaderValue::from(main.reset_secs)));
+        headers.push((X_RATELIMIT_LIMIT, HeaderValue::from(main.quantity)));
+        headers.push((X_RATELIMIT_REMAINING, HeaderValue::from(main.remaining)));
+        headers.push((X_RATELIMIT_RESET, HeaderValue::from(main.reset_secs)));
         // Limit names are validated as header-safe tokens when the configuration loads.
-        for (name, value) in [("ratelimit-policy", policy), ("ratelimit", current)] {
+        for (name, value) in [(RATELIMIT_POLICY, policy), (RATELIMIT, current)] {
             if let Ok(value) = HeaderValue::try_from(value) {
                 headers.push((name, value));
             }
         }
         if !self.admitted {
-            headers.push(("retry-after", HeaderValue::from(self.retry_after_secs())));
+            headers.push((RETRY_AFTER, HeaderValue::from(self.retry_after_secs())));
         }
         headers
     }
@@ -358,12 +367,19 @@ mod tests {
         }
     }
 
-    fn rendered(decision: &Decision) -> Vec<(&'static str, String)> {
-        let headers = decision.headers();
+    fn rendered(decision: &Decision) -> Vec<(String, String)> {
         let text = |value: &HeaderValue| value.to_str().unwrap().to_owned();
-        headers
+        decision
+            .headers()
             .iter()
-            .map(|(name, value)| (*name, text(value)))
+            .map(|(name, value)| (name.as_str().to_owned(), text(value)))
+            .collect()
+    }
+
+    fn fields(expected: &[(&str, &str)]) -> Vec<(String, String)> {
+        expected
+            .iter()
+            .map(|(name, value)| (name.to_string(), value.to_string()))
             .collect()
     }
 
@@ -376,19 +392,16 @@ mod tests {
         };
         assert_eq!(
             rendered(&decision),
-            [
-                ("x-ratelimit-limit", "10".to_owned()),
-                ("x-ratelimit-remaining", "1".to_owned()),
-                ("x-ratelimit-reset", "7".to_owned()),
+            fields(&[
+                ("x-ratelimit-limit", "10"),
+                ("x-ratelimit-remaining", "1"),
+                ("x-ratelimit-reset", "7"),
                 (
                     "ratelimit-policy",
-                    "\"daily\";q=3;w=86400, \"burst\";q=10;w=86400".to_owned()
+                    "\"daily\";q=3;w=86400, \"burst\";q=10;w=86400"
                 ),
-                (
-                    "ratelimit",
-                    "\"daily\";r=2;t=40000, \"burst\";r=1;t=7".to_owned()
-                ),
-            ]
+                ("ratelimit", "\"daily\";r=2;t=40000, \"burst\";r=1;t=7"),
+            ])
         );
     }
 
@@ -400,10 +413,10 @@ mod tests {
             ..Decision::default()
         };
         let headers = rendered(&decision);
-        assert_eq!(headers[0], ("x-ratelimit-limit", "3".to_owned()));
+        assert_eq!(headers[0], fields(&[("x-ratelimit-limit", "3")])[0]);
         assert_eq!(
             headers.last().unwrap(),
-            &("retry-after", "40000".to_owned())
+            &fields(&[("retry-after", "40000")])[0]
         );
         assert!(rendered(&Decision::default()).is_empty());
     }

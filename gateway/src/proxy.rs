@@ -22,7 +22,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue};
+use http::header::{self, HeaderName};
+use http::{response, HeaderMap, HeaderValue};
 use pingora::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::ServerSession;
@@ -33,28 +34,30 @@ use crate::config::{CorsConfig, FailurePolicy, InvalidTokenPolicy, RouteConfig};
 use crate::forward::{self, BodyRules};
 use crate::generation::Generation;
 use crate::identity::Caller;
-use crate::limiter::Decision;
+use crate::limiter::{self, Decision};
 use crate::metrics::Metrics;
 use crate::routing;
 
 /// Headers the gateway owns on limited routes; an upstream's copies are dropped so that each
 /// appears exactly once.
-const RATE_LIMIT_HEADERS: [&str; 5] = [
-    "x-ratelimit-limit",
-    "x-ratelimit-remaining",
-    "x-ratelimit-reset",
-    "ratelimit-policy",
-    "ratelimit",
+const RATE_LIMIT_HEADERS: [HeaderName; 5] = [
+    limiter::X_RATELIMIT_LIMIT,
+    limiter::X_RATELIMIT_REMAINING,
+    limiter::X_RATELIMIT_RESET,
+    limiter::RATELIMIT_POLICY,
+    limiter::RATELIMIT,
 ];
 
-/// A response header the gateway writes: a static name and a ready value.
-type Field = (&'static str, HeaderValue);
+/// A response header the gateway writes: a ready name and a ready value.
+type Field = (HeaderName, HeaderValue);
 
 /// CORS response headers the gateway owns on routes with a CORS policy.
-const CORS_HEADERS: [&str; 2] = [
-    "access-control-allow-origin",
-    "access-control-expose-headers",
+const CORS_HEADERS: [HeaderName; 2] = [
+    header::ACCESS_CONTROL_ALLOW_ORIGIN,
+    header::ACCESS_CONTROL_EXPOSE_HEADERS,
 ];
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 /// The proxy, as a Pingora HTTP server app: the generation in force and the process-wide
 /// metrics.
@@ -361,9 +364,10 @@ impl Gateway {
         let status = session
             .response_written()
             .map_or(0, |response| response.status.as_u16());
+        let mut digits = itoa::Buffer::new();
         self.metrics
             .requests
-            .with_label_values(&[ctx.route_label(), &status.to_string()])
+            .with_label_values(&[ctx.route_label(), digits.format(status)])
             .inc();
     }
 
@@ -413,7 +417,7 @@ impl Gateway {
         ctx: &RequestContext,
     ) -> Result<bool> {
         let challenge = HeaderValue::from_static("Bearer error=\"invalid_token\"");
-        let mut headers = vec![("www-authenticate", challenge)];
+        let mut headers = vec![(header::WWW_AUTHENTICATE, challenge)];
         headers.extend(cors_headers(ctx.cors(), ctx.cors_origin.as_ref()));
         let body = problem(
             401,
@@ -464,51 +468,53 @@ impl Gateway {
 /// The head the upstream receives: the client's, with the address the gateway resolved in
 /// place of any forwarding claim, and the normalised path.
 fn upstream_request(session: &ServerSession, ctx: &RequestContext) -> Result<Box<RequestHeader>> {
-    let mut request = forward::upstream_head(session)?;
+    let mut request = forward::upstream_head(session);
     if let Some(client) = ctx.client_ip {
         // The app learns the address we resolved, never the client's own claim.
-        request.insert_header("x-forwarded-for", address_value(client))?;
-        request.remove_header("forwarded");
+        request
+            .headers
+            .insert(X_FORWARDED_FOR, address_value(client));
+        request.headers.remove(header::FORWARDED);
     }
     if request.uri.path() == ctx.normalised_path {
-        return Ok(request);
+        return Ok(Box::new(request.into()));
     }
     let target = match request.uri.query() {
         Some(query) => format!("{}?{query}", ctx.normalised_path),
         None => ctx.normalised_path.clone(),
     };
-    let uri = target
+    request.uri = target
         .parse()
         .map_err(|_| Error::explain(ErrorType::InternalError, "normalised path is not a URI"))?;
-    request.set_uri(uri);
-    Ok(request)
+    Ok(Box::new(request.into()))
 }
 
 /// Puts the gateway's rate-limit and CORS headers on an upstream response, in place of any
 /// copies the upstream sent.
-fn filter_response(response: &mut ResponseHeader, ctx: &RequestContext) -> Result<()> {
+fn filter_response(response: &mut response::Parts, ctx: &RequestContext) -> Result<()> {
+    let fields = &mut response.headers;
     if let Some(decision) = &ctx.decision {
         let headers = decision.headers();
         if !headers.is_empty() {
-            remove_owned(response, &RATE_LIMIT_HEADERS);
+            remove_owned(fields, &RATE_LIMIT_HEADERS);
             for (name, value) in headers {
-                response.insert_header(name, value)?;
+                fields.insert(name, value);
             }
         }
     }
     if ctx.cors().is_some() {
-        remove_owned(response, &CORS_HEADERS);
-        let varies_by_origin = response.headers.get_all("vary").iter().any(|value| {
+        remove_owned(fields, &CORS_HEADERS);
+        let varies_by_origin = fields.get_all(header::VARY).iter().any(|value| {
             let value = value.to_str().unwrap_or_default();
             value
                 .split(',')
                 .any(|field| field.trim().eq_ignore_ascii_case("origin"))
         });
         for (name, value) in cors_headers(ctx.cors(), ctx.cors_origin.as_ref()) {
-            if name == "vary" && varies_by_origin {
+            if name == header::VARY && varies_by_origin {
                 continue;
             }
-            response.append_header(name, value)?;
+            fields.append(name, value);
         }
     }
     Ok(())
@@ -580,45 +586,48 @@ fn cors_headers(cors: Option<&CorsConfig>, origin: Option<&HeaderValue>) -> Vec<
     let Some(cors) = cors else {
         return Vec::new();
     };
-    let vary = ("vary", HeaderValue::from_static("Origin"));
+    let vary = (header::VARY, HeaderValue::from_static("Origin"));
     let Some(origin) = origin else {
         return vec![vary];
     };
-    let mut headers = vec![("access-control-allow-origin", origin.clone()), vary];
+    let mut headers = vec![(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone()), vary];
     if let Some(expose) = &cors.expose_headers {
-        headers.push(("access-control-expose-headers", expose.clone()));
+        headers.push((header::ACCESS_CONTROL_EXPOSE_HEADERS, expose.clone()));
     }
     headers
 }
 
 fn preflight_answer(cors: &CorsConfig, origin: Option<&HeaderValue>) -> Vec<Field> {
-    let vary = ("vary", HeaderValue::from_static("Origin"));
+    let vary = (header::VARY, HeaderValue::from_static("Origin"));
     let Some(origin) = origin else {
         return vec![vary];
     };
     let mut headers = vec![
-        ("access-control-allow-origin", origin.clone()),
-        ("access-control-allow-methods", cors.allow_methods.clone()),
-        ("access-control-max-age", cors.max_age.clone()),
+        (header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone()),
+        (
+            header::ACCESS_CONTROL_ALLOW_METHODS,
+            cors.allow_methods.clone(),
+        ),
+        (header::ACCESS_CONTROL_MAX_AGE, cors.max_age.clone()),
         vary,
     ];
     if let Some(allow) = &cors.allow_headers {
-        headers.push(("access-control-allow-headers", allow.clone()));
+        headers.push((header::ACCESS_CONTROL_ALLOW_HEADERS, allow.clone()));
     }
     headers
 }
 
 /// Drops the upstream's copies of headers the gateway writes itself. Most upstreams send
 /// none, and one pass over the response is cheaper than a lookup per name.
-fn remove_owned(response: &mut ResponseHeader, names: &[&str]) {
+fn remove_owned(fields: &mut HeaderMap, names: &[HeaderName]) {
     let mut present = Vec::new();
-    for name in response.headers.keys() {
-        if let Some(owned) = names.iter().find(|owned| **owned == name.as_str()) {
-            present.push(*owned);
+    for name in fields.keys() {
+        if let Some(owned) = names.iter().find(|owned| *owned == name) {
+            present.push(owned);
         }
     }
     for name in present {
-        response.remove_header(name);
+        fields.remove(name);
     }
 }
 
@@ -694,18 +703,23 @@ async fn respond_problem(
 async fn respond(
     session: &mut ServerSession,
     status: u16,
-    content_type: &str,
+    content_type: &'static str,
     headers: &[Field],
     body: &[u8],
 ) -> Result<()> {
-    let mut response = ResponseHeader::build(status, Some(headers.len() + 2))?;
+    let (mut response, ()) = http::Response::new(()).into_parts();
+    response.status = http::StatusCode::from_u16(status)
+        .map_err(|_| Error::explain(ErrorType::InternalError, "invalid status"))?;
+    let fields = &mut response.headers;
+    fields.reserve(headers.len() + 2);
     if !body.is_empty() {
-        response.insert_header("content-type", content_type)?;
+        fields.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     }
-    response.insert_header("content-length", body.len().to_string())?;
+    fields.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
     for (name, value) in headers {
-        response.append_header(*name, value.clone())?;
+        fields.append(name.clone(), value.clone());
     }
+    let response = ResponseHeader::from(response);
     session.write_response_header(Box::new(response)).await?;
     if !body.is_empty() {
         session

@@ -26,6 +26,8 @@ enum Manner {
     CloseSilently,
     /// Answers without a length and ends the body by closing, as HTTP/1.0 servers do.
     CloseDelimited,
+    /// Answers with a reason phrase and fields of its own choosing, and keeps the connection.
+    OwnWords,
 }
 
 /// A raw HTTP/1.1 upstream that records every request head and body it reads.
@@ -75,9 +77,14 @@ async fn serve_connection(
         seen.lock().unwrap().push(request);
         let answer: &[u8] = match manner {
             Manner::CloseDelimited => b"HTTP/1.1 200 OK\r\n\r\nstreamed until close",
+            Manner::OwnWords => {
+                b"HTTP/1.1 203 Rewritten By The App\r\nX-App-Note: first\r\n\
+                  X-App-Note: second\r\nContent-Length: 2\r\n\r\nok"
+            }
             _ => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
         };
-        if stream.write_all(answer).await.is_err() || manner != Manner::KeepAlive {
+        let keeps = matches!(manner, Manner::KeepAlive | Manner::OwnWords);
+        if stream.write_all(answer).await.is_err() || !keeps {
             return;
         }
     }
@@ -304,4 +311,27 @@ async fn a_body_ended_by_close_reaches_the_client_chunked_on_a_kept_connection()
         assert_eq!(response.text().await.unwrap(), "streamed until close");
     }
     assert_eq!(upstream.connections(), 3);
+}
+
+#[tokio::test]
+async fn the_apps_reason_phrase_and_repeated_fields_reach_the_client_unchanged() {
+    let upstream = RawUpstream::start(Manner::OwnWords).await;
+    let stack = stack_before(&upstream).await;
+    let request = "GET /raw/words HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n";
+    let answer = tokio::task::spawn_blocking({
+        let gateway = stack.gateway;
+        move || exchange(gateway, request.as_bytes(), "\r\n\r\nok")
+    })
+    .await
+    .unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 203 Rewritten By The App\r\n"),
+        "{answer}"
+    );
+    let lower = answer.to_ascii_lowercase();
+    let first = lower.find("x-app-note: first\r\n");
+    let second = lower.find("x-app-note: second\r\n");
+    assert!(first.is_some() && second.is_some(), "{answer}");
+    assert!(first < second, "repeated fields keep their order: {answer}");
+    assert!(answer.ends_with("\r\n\r\nok"), "{answer}");
 }
