@@ -11,6 +11,7 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use http::header::{HeaderName, RETRY_AFTER};
 use http::HeaderValue;
 
@@ -308,45 +309,69 @@ impl Decision {
     ///
     /// `RateLimit-Policy` and `RateLimit` follow draft-ietf-httpapi-ratelimit-headers: one list
     /// member per limit, `"name";q=<quantity>;w=<window>` and `"name";r=<remaining>;t=<reset>`.
-    /// Every admitted request on a limited route pays for these, so the values are written
-    /// straight into header values rather than through intermediate strings.
+    /// Every admitted request on a limited route pays for these, so all values are written
+    /// into one buffer and handed out as slices of it: one allocation for the text, not one
+    /// per field.
     pub fn headers(&self) -> Vec<(HeaderName, HeaderValue)> {
         let Some(main) = self.most_restrictive() else {
             return Vec::new();
         };
-        let mut policy = String::with_capacity(40 * self.limits.len());
-        let mut current = String::with_capacity(40 * self.limits.len());
+        let mut text = String::with_capacity(32 + 96 * self.limits.len());
         let mut digits = itoa::Buffer::new();
-        for (index, s) in self.limits.iter().enumerate() {
-            if index > 0 {
-                policy.push_str(", ");
-                current.push_str(", ");
-            }
-            for (list, first, second) in [
-                (&mut policy, (";q=", s.quantity), (";w=", s.window_secs)),
-                (&mut current, (";r=", s.remaining), (";t=", s.reset_secs)),
-            ] {
-                list.push('"');
-                list.push_str(&s.name);
-                list.push('"');
-                for (key, number) in [first, second] {
-                    list.push_str(key);
-                    list.push_str(digits.format(number));
+        // Where each field's value ends in `text`, in the order of `names`.
+        let mut ends = [0; 6];
+        for (end, number) in ends
+            .iter_mut()
+            .zip([main.quantity, main.remaining, main.reset_secs])
+        {
+            text.push_str(digits.format(number));
+            *end = text.len();
+        }
+        type Pair = fn(&LimitStatus) -> (u64, u64);
+        let lists: [(&str, &str, Pair); 2] = [
+            (";q=", ";w=", |s| (s.quantity, s.window_secs)),
+            (";r=", ";t=", |s| (s.remaining, s.reset_secs)),
+        ];
+        for (end, (first, second, numbers)) in ends[3..5].iter_mut().zip(lists) {
+            for (index, s) in self.limits.iter().enumerate() {
+                let (a, b) = numbers(s);
+                if index > 0 {
+                    text.push_str(", ");
+                }
+                text.push('"');
+                text.push_str(&s.name);
+                text.push('"');
+                for (key, number) in [(first, a), (second, b)] {
+                    text.push_str(key);
+                    text.push_str(digits.format(number));
                 }
             }
+            *end = text.len();
         }
-        let mut headers = Vec::with_capacity(6);
-        headers.push((X_RATELIMIT_LIMIT, HeaderValue::from(main.quantity)));
-        headers.push((X_RATELIMIT_REMAINING, HeaderValue::from(main.remaining)));
-        headers.push((X_RATELIMIT_RESET, HeaderValue::from(main.reset_secs)));
-        // Limit names are validated as header-safe tokens when the configuration loads.
-        for (name, value) in [(RATELIMIT_POLICY, policy), (RATELIMIT, current)] {
-            if let Ok(value) = HeaderValue::try_from(value) {
+        ends[5] = text.len();
+        if !self.admitted {
+            text.push_str(digits.format(self.retry_after_secs()));
+            ends[5] = text.len();
+        }
+
+        let names = [
+            X_RATELIMIT_LIMIT,
+            X_RATELIMIT_REMAINING,
+            X_RATELIMIT_RESET,
+            RATELIMIT_POLICY,
+            RATELIMIT,
+            RETRY_AFTER,
+        ];
+        let fields = if self.admitted { 5 } else { 6 };
+        let text = Bytes::from(text);
+        let mut headers = Vec::with_capacity(fields);
+        let mut start = 0;
+        for (name, end) in names.into_iter().zip(ends).take(fields) {
+            // Limit names are validated as header-safe tokens when the configuration loads.
+            if let Ok(value) = HeaderValue::from_maybe_shared(text.slice(start..end)) {
                 headers.push((name, value));
             }
-        }
-        if !self.admitted {
-            headers.push((RETRY_AFTER, HeaderValue::from(self.retry_after_secs())));
+            start = end;
         }
         headers
     }
