@@ -28,8 +28,9 @@ use tollgate_auth::{BearerVerifier, UserId};
 use crate::catalog::{Catalog, Package, Tokens};
 use crate::checkout::{self, CheckoutError};
 use crate::config::{Config, Environment, Secret, WebhookSettings};
-use crate::db::{self, DbError, Pool, PurchaseView};
+use crate::db::{self, DbError, Engine, Pool, PurchaseView};
 use crate::debit::{self, DebitError};
+use crate::group_commit::GroupCommit;
 use crate::ledger::{self, Cursor, LedgerError, Transaction};
 use crate::metrics::Metrics;
 use crate::stripe::{SessionId, StripeClient, StripeError};
@@ -64,6 +65,9 @@ pub struct AppState {
 /// The contents of [`AppState`]; its fields are for this crate's handlers only.
 pub struct Inner {
     pub(crate) pool: Pool,
+    /// Grants share transactions on SQLite, whose commits each wait for the disk; `None` on
+    /// Postgres, where concurrent transactions commit in parallel.
+    pub(crate) grants: Option<GroupCommit>,
     pub(crate) catalog: Catalog,
     pub(crate) metrics: Metrics,
     pub(crate) webhook: WebhookSettings,
@@ -110,9 +114,14 @@ impl AppState {
         let checkout_expiry_secs =
             i64::try_from(config.checkout.session_expiry.as_secs()).unwrap_or(86_400);
 
+        let url = &pool.connect_options().database_url;
+        let grants = (Engine::of_url(url.as_str()).ok() == Some(Engine::Sqlite))
+            .then(|| GroupCommit::start(pool.clone()));
+
         Ok(Self {
             inner: Arc::new(Inner {
                 pool,
+                grants,
                 catalog: config.catalog.clone(),
                 metrics,
                 webhook: config.webhook.clone(),

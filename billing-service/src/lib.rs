@@ -19,6 +19,7 @@ pub mod checkout;
 pub mod config;
 pub mod db;
 pub mod debit;
+pub mod group_commit;
 pub mod http;
 pub mod ledger;
 pub mod metrics;

@@ -25,6 +25,7 @@ use crate::db::{
     self, Backend, ChargeRefund, DbError, EventRecord, ExternalPurchase, PaidPurchase,
     PurchaseRecord, PurchaseStatus,
 };
+use crate::group_commit::Ran;
 use crate::http::{ApiError, AppState};
 use crate::ledger::{self, LedgerError, StripeEntry};
 use crate::metrics::WebhookOutcome;
@@ -327,7 +328,7 @@ async fn fulfil(state: &AppState, event: &Event) -> Result<WebhookOutcome, Webho
 }
 
 /// A paid session that checks out: who gets how many tokens, and what was paid.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct Grant {
     session: SessionId,
     user: UserId,
@@ -426,21 +427,90 @@ fn session_user(session: &SessionView) -> Result<UserId, String> {
 }
 
 /// Records the event, appends the grant and marks the purchase fulfilled, in one
-/// transaction. If either the event or the session was seen before, the transaction is
-/// rolled back and nothing changes. A refund that arrived before the grant is settled in
-/// the same transaction.
+/// transaction. If either the event or the session was seen before, nothing changes. A
+/// refund that arrived before the grant is settled in the same transaction. On SQLite the
+/// transaction is shared with other deliveries of the moment (see [`crate::group_commit`]);
+/// either way the answer comes only after the grant is committed.
 async fn write_grant(
     state: &AppState,
     event_id: &EventId,
     event: &Event,
     grant: &Grant,
 ) -> Result<WebhookOutcome, WebhookError> {
-    let mut transaction = db::begin(&state.pool, "begin a grant transaction").await?;
+    let written = match &state.grants {
+        Some(grants) => {
+            let (event_id, event_type) = (event_id.clone(), event.event_type.clone());
+            let grant = grant.clone();
+            grants
+                .run(move |transaction| {
+                    Box::pin(async move {
+                        let written = grant_in(transaction, &event_id, &event_type, &grant).await?;
+                        let keep = written.outcome == WebhookOutcome::Granted;
+                        Ok::<_, WebhookError>(Ran {
+                            value: written,
+                            keep,
+                        })
+                    })
+                })
+                .await?
+        }
+        None => {
+            let mut transaction = db::begin(&state.pool, "begin a grant transaction").await?;
+            let written = grant_in(&mut transaction, event_id, &event.event_type, grant).await?;
+            if written.outcome == WebhookOutcome::Granted {
+                db::commit(transaction, "commit a grant").await?;
+            }
+            written
+        }
+    };
 
-    let record = event_record(event_id, event, Some(&grant.session), "granted");
-    if !db::record_event(&mut *transaction, &record).await? {
-        tracing::info!("duplicate event delivery");
-        return Ok(WebhookOutcome::DuplicateEvent);
+    match written.outcome {
+        WebhookOutcome::DuplicateEvent => tracing::info!("duplicate event delivery"),
+        WebhookOutcome::AlreadyGranted => tracing::info!("session already granted"),
+        _ => {
+            state.metrics.grant(grant.tokens);
+            tracing::info!(
+                ledger.grant_id = written.grant_id,
+                user.id = grant.user.as_str(),
+                ledger.tokens = grant.tokens.0,
+                ledger.clawed_back = written.clawback.0,
+                "tokens granted"
+            );
+        }
+    }
+    Ok(written.outcome)
+}
+
+/// What a grant transaction did: granted (with the new ledger row and any clawback of an
+/// earlier refund), or nothing because the event or the session was seen before.
+struct Written {
+    outcome: WebhookOutcome,
+    grant_id: String,
+    clawback: Tokens,
+}
+
+/// The writes of a grant, inside `transaction`. Unless the outcome is `Granted`, the caller
+/// must roll back: the event row may already be written.
+async fn grant_in(
+    transaction: &mut sqlx::Transaction<'static, Backend>,
+    event_id: &EventId,
+    event_type: &str,
+    grant: &Grant,
+) -> Result<Written, WebhookError> {
+    let nothing = |outcome| Written {
+        outcome,
+        grant_id: String::new(),
+        clawback: Tokens(0),
+    };
+    let record = EventRecord {
+        event_id,
+        event_type,
+        session_id: Some(&grant.session),
+        outcome: "granted",
+        detail: None,
+    };
+    if !db::record_event(&mut **transaction, &record).await? {
+        return Ok(nothing(WebhookOutcome::DuplicateEvent));
     }
     let ledger_row = StripeEntry {
         user: &grant.user,
@@ -448,13 +518,12 @@ async fn write_grant(
         event_id,
         session_id: &grant.session,
     };
-    let Some(grant_id) = ledger::grant_purchase(&mut *transaction, &ledger_row).await? else {
-        tracing::info!("session already granted");
-        return Ok(WebhookOutcome::AlreadyGranted);
+    let Some(grant_id) = ledger::grant_purchase(&mut **transaction, &ledger_row).await? else {
+        return Ok(nothing(WebhookOutcome::AlreadyGranted));
     };
 
     let payment_intent = grant.payment_intent.as_ref();
-    if !db::mark_fulfilled(&mut *transaction, &grant.session, payment_intent).await? {
+    if !db::mark_fulfilled(&mut **transaction, &grant.session, payment_intent).await? {
         let external = ExternalPurchase {
             user: &grant.user,
             package_id: &grant.package,
@@ -464,11 +533,11 @@ async fn write_grant(
             session_id: &grant.session,
             payment_intent,
         };
-        db::insert_external_purchase(&mut *transaction, &external).await?;
+        db::insert_external_purchase(&mut **transaction, &external).await?;
     }
     let mut clawback = Tokens(0);
     if let Some(payment_intent) = payment_intent {
-        db::claim_refund_record(&mut *transaction, payment_intent).await?;
+        db::claim_refund_record(&mut **transaction, payment_intent).await?;
         let paid = PaidPurchase {
             session_id: grant.session.clone(),
             user_id: grant.user.to_string(),
@@ -476,19 +545,13 @@ async fn write_grant(
             amount_cents: grant.amount,
             currency: grant.currency.clone(),
         };
-        clawback = settle_clawback(&mut transaction, &paid, payment_intent, event_id).await?;
+        clawback = settle_clawback(transaction, &paid, payment_intent, event_id).await?;
     }
-    db::commit(transaction, "commit a grant").await?;
-
-    state.metrics.grant(grant.tokens);
-    tracing::info!(
-        ledger.grant_id = grant_id,
-        user.id = grant.user.as_str(),
-        ledger.tokens = grant.tokens.0,
-        ledger.clawed_back = clawback.0,
-        "tokens granted"
-    );
-    Ok(WebhookOutcome::Granted)
+    Ok(Written {
+        outcome: WebhookOutcome::Granted,
+        grant_id,
+        clawback,
+    })
 }
 
 async fn record_mismatch(
