@@ -158,6 +158,14 @@ fn exchange(gateway: SocketAddr, request: &[u8], wanted: &str) -> String {
     String::from_utf8_lossy(&received).into_owned()
 }
 
+/// [`exchange`] off the runtime's threads, reading until the raw upstream's `ok` arrives.
+async fn exchange_ok(stack: &Stack, request: &'static str) -> String {
+    let gateway = stack.gateway;
+    tokio::task::spawn_blocking(move || exchange(gateway, request.as_bytes(), "\r\n\r\nok"))
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn hop_by_hop_fields_stop_at_the_gateway_and_cannot_remove_the_forwarded_address() {
     let upstream = RawUpstream::start(Manner::KeepAlive).await;
@@ -167,12 +175,7 @@ async fn hop_by_hop_fields_stop_at_the_gateway_and_cannot_remove_the_forwarded_a
                    Keep-Alive: timeout=5\r\nX-Internal-Hint: secret\r\nTE: trailers\r\n\
                    Upgrade: websocket\r\nProxy-Authorization: Basic Zm9vOmJhcg==\r\n\
                    X-Forwarded-For: 203.0.113.9\r\nX-Kept: yes\r\n\r\n";
-    let answer = tokio::task::spawn_blocking({
-        let gateway = stack.gateway;
-        move || exchange(gateway, request.as_bytes(), "\r\n\r\nok")
-    })
-    .await
-    .unwrap();
+    let answer = exchange_ok(&stack, request).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 
     let seen = upstream.requests();
@@ -204,12 +207,7 @@ async fn a_chunked_body_reaches_the_app_whole_and_still_chunked() {
     let stack = stack_before(&upstream).await;
     let request = "POST /raw/upload HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n\
                    5\r\nhello\r\n7\r\n, world\r\n0\r\n\r\n";
-    let answer = tokio::task::spawn_blocking({
-        let gateway = stack.gateway;
-        move || exchange(gateway, request.as_bytes(), "\r\n\r\nok")
-    })
-    .await
-    .unwrap();
+    let answer = exchange_ok(&stack, request).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 
     let seen = upstream.requests();
@@ -318,12 +316,7 @@ async fn the_apps_reason_phrase_and_repeated_fields_reach_the_client_unchanged()
     let upstream = RawUpstream::start(Manner::OwnWords).await;
     let stack = stack_before(&upstream).await;
     let request = "GET /raw/words HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n";
-    let answer = tokio::task::spawn_blocking({
-        let gateway = stack.gateway;
-        move || exchange(gateway, request.as_bytes(), "\r\n\r\nok")
-    })
-    .await
-    .unwrap();
+    let answer = exchange_ok(&stack, request).await;
     assert!(
         answer.starts_with("HTTP/1.1 203 Rewritten By The App\r\n"),
         "{answer}"
