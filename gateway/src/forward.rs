@@ -15,7 +15,7 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::{request, response, Version};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::ServerSession;
-use pingora::{Error, ErrorType, Result};
+use pingora::{Error, ErrorSource, ErrorType, Result};
 
 use crate::upstream::{self, upstream_error, Connection};
 
@@ -65,10 +65,14 @@ pub async fn forward(
     request: impl Fn(&ServerSession) -> Result<Box<RequestHeader>>,
     respond: impl FnOnce(&mut response::Parts) -> Result<()>,
 ) -> Result<()> {
-    let replayable = session.is_body_empty();
+    // Only a request that repeating cannot harm is sent twice (RFC 9110 section 9.2.2): a
+    // POST the app may have acted on before its connection dropped is not.
+    let replayable = session.is_body_empty() && idempotent(&session.req_header().method);
     let mut connection = upstream::connect(upstream).await.map_err(upstream_error)?;
     let mut answered = send(session, &mut connection, body, request(session)?).await;
-    if answered.is_err() && connection.reused && replayable {
+    let upstreams_fault =
+        matches!(&answered, Err(error) if error.esource() == &ErrorSource::Upstream);
+    if upstreams_fault && connection.reused && replayable {
         // The upstream closed the pooled connection while it idled; a request without a
         // body is safe to send once more on a new one.
         connection = upstream::connect_fresh(upstream)
@@ -76,7 +80,7 @@ pub async fn forward(
             .map_err(upstream_error)?;
         answered = send(session, &mut connection, body, request(session)?).await;
     }
-    answered?;
+    let sent_whole = answered?;
 
     let answer = connection
         .session
@@ -100,41 +104,69 @@ pub async fn forward(
             .await
             .map_err(Error::into_down)?;
     }
-    connection.release().await;
+    if sent_whole {
+        connection.release().await;
+    }
     Ok(())
 }
 
+fn idempotent(method: &http::Method) -> bool {
+    use http::Method;
+    [
+        Method::GET,
+        Method::HEAD,
+        Method::OPTIONS,
+        Method::TRACE,
+        Method::PUT,
+        Method::DELETE,
+    ]
+    .contains(method)
+}
+
 /// Writes the head and the body, then reads the response head, skipping interim 1xx answers
-/// (a `100 Continue` was already given to the client by the gateway itself).
+/// (a `100 Continue` was already given to the client by the gateway itself). Returns whether
+/// the whole request reached the upstream: an app may answer early (a 413, say) and close
+/// before reading the rest, and that answer is the client's, not a 502. The connection is
+/// then not reused.
 async fn send(
     session: &mut ServerSession,
     connection: &mut Connection,
     rules: &BodyRules,
     head: Box<RequestHeader>,
-) -> Result<()> {
+) -> Result<bool> {
     let upstream = &mut connection.session;
     upstream
         .write_request_header(head)
         .await
         .map_err(upstream_error)?;
     let mut received = 0u64;
-    while let Some(chunk) = session
-        .read_request_body()
-        .await
-        .map_err(Error::into_down)?
-    {
+    let mut write_failed = None;
+    loop {
+        // The whole body is due by the deadline, however steadily it trickles in.
+        let next = tokio::time::timeout_at(rules.deadline.into(), session.read_request_body());
+        let Ok(chunk) = next.await else {
+            return Error::e_explain(ErrorType::HTTPStatus(408), "request body too slow");
+        };
+        let Some(chunk) = chunk.map_err(Error::into_down)? else {
+            break;
+        };
         received += chunk.len() as u64;
         if received > rules.max_bytes {
             return Error::e_explain(ErrorType::HTTPStatus(413), "request body over the ceiling");
         }
-        if Instant::now() > rules.deadline {
-            return Error::e_explain(ErrorType::HTTPStatus(408), "request body too slow");
+        if let Err(error) = upstream.write_body(&chunk).await {
+            write_failed = Some(error);
+            break;
         }
-        upstream.write_body(&chunk).await.map_err(upstream_error)?;
     }
-    upstream.finish_body().await.map_err(upstream_error)?;
+    if write_failed.is_none() {
+        write_failed = upstream.finish_body().await.err();
+    }
     loop {
-        upstream.read_response().await.map_err(upstream_error)?;
+        if let Err(error) = upstream.read_response().await {
+            // With no answer to relay, the failed write is the better account of what broke.
+            return Err(upstream_error(write_failed.unwrap_or(error)));
+        }
         let status = upstream
             .resp_header()
             .map(|response| response.status.as_u16());
@@ -144,7 +176,7 @@ async fn send(
                 return Err(upstream_error(error));
             }
             Some(100..=199) => continue,
-            _ => return Ok(()),
+            _ => return Ok(write_failed.is_none()),
         }
     }
 }
@@ -164,18 +196,7 @@ pub fn upstream_head(session: &ServerSession) -> request::Parts {
     let mut head = session.req_header().as_owned_parts();
     head.version = Version::HTTP_11;
 
-    let nominated: Vec<HeaderName> = head
-        .headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .filter(|name| !PROTECTED.contains(name))
-        .collect();
-    for name in nominated.iter().chain(HOP_BY_HOP.iter()) {
-        head.headers.remove(name);
-    }
+    remove_hop_by_hop(&mut head.headers);
     head.headers.remove(header::EXPECT);
     if head.headers.contains_key(header::TRANSFER_ENCODING) {
         // Pingora's reader decodes a chunked body; the writer chunks it again for the
@@ -190,21 +211,37 @@ pub fn upstream_head(session: &ServerSession) -> request::Parts {
 /// Readies the upstream's response head for the client: HTTP/1.1, its own connection fields
 /// dropped (Pingora writes the client's), and a body without a length sent chunked so the
 /// client's connection can stay open.
-fn prepare_response(session: &ServerSession, response: &mut response::Parts) {
+fn prepare_response(session: &mut ServerSession, response: &mut response::Parts) {
     response.version = Version::HTTP_11;
-    for name in [
-        header::CONNECTION,
-        HeaderName::from_static("keep-alive"),
-        header::UPGRADE,
-    ] {
-        response.headers.remove(name);
-    }
+    remove_hop_by_hop(&mut response.headers);
     let no_body = session.req_header().method == http::Method::HEAD
         || matches!(response.status.as_u16(), 204 | 304);
-    let framed = response.headers.contains_key(header::TRANSFER_ENCODING)
-        || response.headers.contains_key(header::CONTENT_LENGTH);
-    if !no_body && !framed {
-        let chunked = HeaderValue::from_static("chunked");
-        response.headers.insert(header::TRANSFER_ENCODING, chunked);
+    if no_body || response.headers.contains_key(header::CONTENT_LENGTH) {
+        return;
+    }
+    if session.req_header().version == Version::HTTP_10 {
+        // An HTTP/1.0 client knows no chunked coding (RFC 9112 section 6.1): the body ends
+        // when the connection closes.
+        response.headers.remove(header::TRANSFER_ENCODING);
+        session.set_keepalive(None);
+        return;
+    }
+    let chunked = HeaderValue::from_static("chunked");
+    response.headers.insert(header::TRANSFER_ENCODING, chunked);
+}
+
+/// Removes the fields that concern one connection only, and those its `Connection` field
+/// names, except the ones framing and forwarding rely on.
+fn remove_hop_by_hop(fields: &mut http::HeaderMap) {
+    let nominated: Vec<HeaderName> = fields
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .filter(|name| !PROTECTED.contains(name))
+        .collect();
+    for name in nominated.iter().chain(HOP_BY_HOP.iter()) {
+        fields.remove(name);
     }
 }

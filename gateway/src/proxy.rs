@@ -156,10 +156,12 @@ impl Gateway {
             return Ok(());
         }
         if expects_continue(session) {
-            session
-                .write_continue_response()
-                .await
-                .map_err(Error::into_down)?;
+            // Pingora closes a connection whose response starts before the body is read;
+            // an interim 100 is not that response.
+            session.set_close_on_response_before_downstream_finish(false);
+            let continued = session.write_continue_response().await;
+            session.set_close_on_response_before_downstream_finish(true);
+            continued.map_err(Error::into_down)?;
         }
         let upstream = ctx
             .route
@@ -189,7 +191,9 @@ impl Gateway {
         session.set_read_timeout(Some(Duration::from_secs(config.body_read_timeout_secs)));
         // Pipelined requests are answered in order and each is counted on its own.
         session.set_pipelining_enabled(true);
-        let method = session.req_header().method.as_str().to_owned();
+        // Methods are case-sensitive, but many apps upper-case them: `post` must meet the
+        // limits that `POST` meets.
+        let method = session.req_header().method.as_str().to_ascii_uppercase();
         ctx.normalised_path = routing::normalise(session.req_header().uri.path());
         let path = ctx.normalised_path.clone();
 
@@ -198,6 +202,11 @@ impl Gateway {
             let detail = format!("request headers may be at most {limit} bytes");
             let title = "Request Header Fields Too Large";
             respond_problem(session, ctx, 431, title, &detail).await?;
+            return Ok(true);
+        }
+        if let Some((status, title, detail)) = unservable(session.req_header()) {
+            respond_problem(session, ctx, status, title, detail).await?;
+            session.set_keepalive(None);
             return Ok(true);
         }
         if config.health_paths.contains(&path) {
@@ -322,6 +331,7 @@ impl Gateway {
         let status = match (error.etype(), error.esource()) {
             (ErrorType::HTTPStatus(code), _) => *code,
             (ErrorType::ReadTimedout, ErrorSource::Downstream) => 408,
+            (ErrorType::ReadTimedout, ErrorSource::Upstream) => 504,
             (
                 ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed,
                 ErrorSource::Downstream,
@@ -333,6 +343,9 @@ impl Gateway {
         let answered = session
             .response_written()
             .is_some_and(|response| !response.status.is_informational());
+        // The exchange broke off part-way, so the connection's state is not known: it is
+        // closed after this answer, and the answer says so.
+        session.set_keepalive(None);
         if status > 0 && !answered {
             let title = match status {
                 413 => "Content Too Large",
@@ -345,6 +358,7 @@ impl Gateway {
                 408 => "the request body was not received in time",
                 413 => "the request body is larger than this route accepts",
                 502 => "the upstream could not be reached",
+                504 => "the upstream did not answer in time",
                 _ => "the request could not be proxied",
             };
             if let Err(error) = respond_problem(session, ctx, status, title, detail).await {
@@ -475,6 +489,20 @@ fn upstream_request(session: &ServerSession, ctx: &RequestContext) -> Result<Box
             .headers
             .insert(X_FORWARDED_FOR, address_value(client));
         request.headers.remove(header::FORWARDED);
+        // Apps that read fields the CGI way see `X_Forwarded_For` as `X-Forwarded-For`.
+        let spoofs: Vec<HeaderName> = request
+            .headers
+            .keys()
+            .filter(|name| name.as_str().contains('_'))
+            .filter(|name| {
+                let dashed = name.as_str().replace('_', "-");
+                dashed == "x-forwarded-for" || dashed == "forwarded"
+            })
+            .cloned()
+            .collect();
+        for name in spoofs {
+            request.headers.remove(name);
+        }
     }
     if request.uri.path() == ctx.normalised_path {
         return Ok(Box::new(request.into()));
@@ -520,6 +548,30 @@ fn filter_response(response: &mut response::Parts, ctx: &RequestContext) -> Resu
     Ok(())
 }
 
+/// Why a request cannot be served at all, if it cannot: an HTTP/1.1 request without `Host`
+/// (RFC 9112 section 3.2), a tunnel, or a body coding other than chunked, which the
+/// gateway would otherwise pass on as something it is not.
+fn unservable(request: &RequestHeader) -> Option<(u16, &'static str, &'static str)> {
+    if request.version == http::Version::HTTP_11 && !request.headers.contains_key(header::HOST) {
+        return Some((400, "Bad Request", "an HTTP/1.1 request must carry Host"));
+    }
+    if request.method == http::Method::CONNECT {
+        return Some((501, "Not Implemented", "the gateway does not open tunnels"));
+    }
+    let codings = request.headers.get_all(header::TRANSFER_ENCODING).iter();
+    let only_chunked = codings
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(str::trim)
+        .filter(|coding| !coding.is_empty())
+        .all(|coding| coding.eq_ignore_ascii_case("chunked"));
+    if !only_chunked {
+        let detail = "the gateway decodes no transfer coding but chunked";
+        return Some((501, "Not Implemented", detail));
+    }
+    None
+}
+
 /// Whether the client waits for `100 Continue` before it sends its body.
 fn expects_continue(session: &ServerSession) -> bool {
     session
@@ -533,23 +585,37 @@ fn expects_continue(session: &ServerSession) -> bool {
 /// open for the client's next request; a larger or unreadable one closes the connection.
 const DRAIN_LIMIT_BYTES: usize = 64 * 1024;
 
+/// Longest wait for that body; a slower one closes the connection instead.
+const DRAIN_TIME: Duration = Duration::from_secs(1);
+
 /// Consumes the body of a request the gateway answers itself, when it is small, so that a
 /// keep-alive or pipelining client can go on with its next request on the same connection.
 async fn drain_small_body(session: &mut ServerSession) {
-    let mut drained = 0;
-    loop {
-        match session.read_request_body().await {
-            Ok(Some(chunk)) => {
-                drained += chunk.len();
-                if drained > DRAIN_LIMIT_BYTES {
-                    break;
-                }
-            }
-            Ok(None) => return,
-            Err(_) => break,
-        }
+    if expects_continue(session) {
+        // The client waits to be told to send its body; it is told no, at once, and the
+        // connection closes with the body unsent.
+        session.set_keepalive(None);
+        return;
     }
-    session.set_keepalive(None);
+    let drain = async {
+        let mut drained = 0;
+        loop {
+            match session.read_request_body().await {
+                Ok(Some(chunk)) => {
+                    drained += chunk.len();
+                    if drained > DRAIN_LIMIT_BYTES {
+                        return false;
+                    }
+                }
+                Ok(None) => return true,
+                Err(_) => return false,
+            }
+        }
+    };
+    let drained = tokio::time::timeout(DRAIN_TIME, drain).await;
+    if drained != Ok(true) {
+        session.set_keepalive(None);
+    }
 }
 
 /// Answers 413 before reading a body whose declared length is over the route's ceiling.
@@ -715,7 +781,9 @@ async fn respond(
     if !body.is_empty() {
         fields.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     }
-    fields.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    if status != 204 {
+        fields.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    }
     for (name, value) in headers {
         fields.append(name.clone(), value.clone());
     }

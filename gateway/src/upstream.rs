@@ -23,6 +23,12 @@ use tokio::io::AsyncReadExt;
 /// Longest wait for an upstream to accept a new connection.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Longest wait for the next bytes of an upstream's response, as nginx's
+/// `proxy_read_timeout`; then the client gets 504.
+// Limitation: fixed for every route; an app that streams with longer pauses (server-sent
+// events with rare messages) is cut off.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Idle connections kept per worker thread, over all upstreams; one more is closed.
 const MAX_IDLE_PER_THREAD: usize = 256;
 
@@ -53,11 +59,7 @@ pub struct Connection {
 /// new one.
 pub async fn connect(upstream: SocketAddr) -> Result<Connection> {
     if let Some(stream) = take_idle(upstream) {
-        return Ok(Connection {
-            session: HttpSession::new(stream),
-            upstream,
-            reused: true,
-        });
+        return Ok(Connection::new(stream, upstream, true));
     }
     connect_fresh(upstream).await
 }
@@ -71,14 +73,24 @@ pub async fn connect_fresh(upstream: SocketAddr) -> Result<Connection> {
         .or_err(ErrorType::ConnectRefused, "connecting to the upstream")?;
     tcp.set_nodelay(true)
         .or_err(ErrorType::ConnectError, "setting TCP_NODELAY")?;
-    Ok(Connection {
-        session: HttpSession::new(Box::new(TcpStream::from(tcp))),
+    Ok(Connection::new(
+        Box::new(TcpStream::from(tcp)),
         upstream,
-        reused: false,
-    })
+        false,
+    ))
 }
 
 impl Connection {
+    fn new(stream: Stream, upstream: SocketAddr, reused: bool) -> Self {
+        let mut session = HttpSession::new(stream);
+        session.read_timeout = Some(READ_TIMEOUT);
+        Self {
+            session,
+            upstream,
+            reused,
+        }
+    }
+
     /// Returns the connection to this thread's pool when the exchange on it ended cleanly
     /// and both sides allow keep-alive; otherwise it is closed.
     pub async fn release(mut self) {

@@ -489,3 +489,134 @@ window_secs = 60
     );
     assert_eq!(header_values(&failed, "x-ratelimit-remaining"), ["1"]);
 }
+
+/// Writes `head` on a new connection, then `body` a byte every `pause`, and returns what the
+/// gateway answered and when the answer began, measured from the head.
+fn send_slowly(
+    gateway: std::net::SocketAddr,
+    head: &'static str,
+    body: &'static [u8],
+    pause: Duration,
+) -> (String, Duration) {
+    let mut stream = TcpStream::connect(gateway).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let started = Instant::now();
+    stream.write_all(head.as_bytes()).unwrap();
+    let mut answer = Vec::new();
+    let mut answered_at = None;
+    let mut unsent = body.iter();
+    let mut chunk = [0u8; 4096];
+    while started.elapsed() < Duration::from_secs(15) {
+        match stream.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(read) => {
+                answered_at.get_or_insert(started.elapsed());
+                answer.extend_from_slice(&chunk[..read]);
+                continue;
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => break,
+        }
+        if let Some(byte) = unsent.next() {
+            if stream.write_all(&[*byte]).is_err() {
+                break;
+            }
+            std::thread::sleep(pause);
+        }
+    }
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    (text, answered_at.unwrap_or(started.elapsed()))
+}
+
+/// A stack whose visitor at 127.0.0.1 has used up the anonymous generation quota.
+async fn stack_over_quota() -> Stack {
+    let stack = Stack::start(StackOptions::default()).await;
+    let client = reqwest::Client::new();
+    let url = stack.url("/api/v1/generate");
+    assert_eq!(statuses(&client, &url, 3).await, [200, 200, 200]);
+    stack
+}
+
+#[tokio::test]
+async fn a_refused_client_waiting_to_send_its_body_hears_no_at_once() {
+    let stack = stack_over_quota().await;
+    let gateway = stack.gateway;
+    let head = "POST /api/v1/generate HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\n\
+                Content-Length: 5000\r\n\r\n";
+    // The body would only follow a 100 Continue, which must not come.
+    let (answer, after) =
+        tokio::task::spawn_blocking(move || send_slowly(gateway, head, b"", Duration::ZERO))
+            .await
+            .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 429"), "{answer}");
+    assert!(!answer.contains("100 Continue"), "{answer}");
+    assert!(after < Duration::from_secs(1), "answered after {after:?}");
+    assert!(
+        answer.to_ascii_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+}
+
+#[tokio::test]
+async fn a_refused_client_trickling_its_body_is_answered_and_let_go() {
+    let stack = stack_over_quota().await;
+    let gateway = stack.gateway;
+    let head = "POST /api/v1/generate HTTP/1.1\r\nHost: t\r\nContent-Length: 60000\r\n\r\n";
+    let (answer, after) = tokio::task::spawn_blocking(move || {
+        send_slowly(gateway, head, &[b'x'; 60], Duration::from_millis(300))
+    })
+    .await
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 429"), "{answer}");
+    assert!(after < Duration::from_secs(3), "answered after {after:?}");
+    assert!(
+        answer.to_ascii_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+}
+
+#[tokio::test]
+async fn a_lower_case_method_meets_the_same_limits() {
+    let stack = stack_over_quota().await;
+    let gateway = stack.gateway;
+    let head = "post /api/v1/generate HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\
+                Connection: close\r\n\r\n";
+    let (answer, _) =
+        tokio::task::spawn_blocking(move || send_slowly(gateway, head, b"", Duration::ZERO))
+            .await
+            .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 429"), "{answer}");
+}
+
+#[tokio::test]
+async fn requests_the_gateway_cannot_pass_on_faithfully_are_refused() {
+    let stack = Stack::start(StackOptions::default()).await;
+    let gateway = stack.gateway;
+    let cases: [(&'static str, &str); 4] = [
+        ("GET /api/v1/anything HTTP/1.1\r\n\r\n", "HTTP/1.1 400"),
+        (
+            "CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
+            "HTTP/1.1 501",
+        ),
+        (
+            "POST /api/v1/generate HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            "HTTP/1.1 501",
+        ),
+        (
+            "POST /api/v1/generate HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip\r\n\
+             Transfer-Encoding: chunked\r\n\r\n",
+            "HTTP/1.1 501",
+        ),
+    ];
+    for (head, wanted) in cases {
+        let (answer, _) =
+            tokio::task::spawn_blocking(move || send_slowly(gateway, head, b"", Duration::ZERO))
+                .await
+                .unwrap();
+        assert!(answer.starts_with(wanted), "{head:?} got {answer}");
+    }
+    assert_eq!(stack.upstream.count("/api/v1/generate"), 0);
+    assert_eq!(stack.upstream.count("/api/v1/anything"), 0);
+}

@@ -28,6 +28,13 @@ enum Manner {
     CloseDelimited,
     /// Answers with a reason phrase and fields of its own choosing, and keeps the connection.
     OwnWords,
+    /// Answers 413 as soon as it has the head, and closes without reading the body.
+    RefuseEarly,
+    /// Answers the first request of a connection; reads the next, then closes without
+    /// answering, the way an app dies or restarts between two requests.
+    Vanish,
+    /// Answers with fields that concern its own connection and a body without a length.
+    HopByHop,
 }
 
 /// A raw HTTP/1.1 upstream that records every request head and body it reads.
@@ -73,17 +80,44 @@ async fn serve_connection(
     seen: Arc<Mutex<Vec<String>>>,
 ) {
     let mut buffer = Vec::new();
+    if manner == Manner::RefuseEarly {
+        while find(&buffer, b"\r\n\r\n").is_none() {
+            let mut chunk = [0u8; 4096];
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(read) => buffer.extend_from_slice(&chunk[..read]),
+            }
+        }
+        let head_end = find(&buffer, b"\r\n\r\n").unwrap() + 4;
+        seen.lock()
+            .unwrap()
+            .push(String::from_utf8_lossy(&buffer[..head_end]).into_owned());
+        let answer = b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 7\r\n\r\ntoo big";
+        let _ = stream.write_all(answer).await;
+        return;
+    }
+    let mut served = 0;
     while let Some(request) = read_request(&mut stream, &mut buffer).await {
         seen.lock().unwrap().push(request);
+        served += 1;
         let answer: &[u8] = match manner {
             Manner::CloseDelimited => b"HTTP/1.1 200 OK\r\n\r\nstreamed until close",
+            Manner::Vanish if served > 1 => return,
+            Manner::HopByHop => {
+                b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Secret\r\nX-Secret: leaked\r\n\
+                  Proxy-Connection: keep-alive\r\nTE: trailers\r\nTrailer: X-Foo\r\n\
+                  X-Kept: yes\r\n\r\nstreamed until close"
+            }
             Manner::OwnWords => {
                 b"HTTP/1.1 203 Rewritten By The App\r\nX-App-Note: first\r\n\
                   X-App-Note: second\r\nContent-Length: 2\r\n\r\nok"
             }
             _ => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
         };
-        let keeps = matches!(manner, Manner::KeepAlive | Manner::OwnWords);
+        let keeps = matches!(
+            manner,
+            Manner::KeepAlive | Manner::OwnWords | Manner::Vanish
+        );
         if stream.write_all(answer).await.is_err() || !keeps {
             return;
         }
@@ -253,6 +287,13 @@ async fn a_client_waiting_for_100_continue_gets_it_from_the_gateway() {
     .await
     .unwrap();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // The interim answer does not cost the client its connection.
+    assert!(
+        answer
+            .to_ascii_lowercase()
+            .contains("connection: keep-alive"),
+        "{answer}"
+    );
     let seen = upstream.requests();
     assert!(seen[0].ends_with("\r\n\r\ndata"), "{:?}", seen[0]);
     assert!(
@@ -327,4 +368,104 @@ async fn the_apps_reason_phrase_and_repeated_fields_reach_the_client_unchanged()
     assert!(first.is_some() && second.is_some(), "{answer}");
     assert!(first < second, "repeated fields keep their order: {answer}");
     assert!(answer.ends_with("\r\n\r\nok"), "{answer}");
+}
+
+#[tokio::test]
+async fn an_app_that_refuses_a_body_before_reading_it_is_heard() {
+    let upstream = RawUpstream::start(Manner::RefuseEarly).await;
+    let stack = stack_before(&upstream).await;
+    let gateway = stack.gateway;
+    let answer = tokio::task::spawn_blocking(move || {
+        let mut stream = TcpStream::connect(gateway).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let head = "POST /raw/upload HTTP/1.1\r\nHost: t\r\nContent-Length: 600000\r\n\r\n";
+        stream.write_all(head.as_bytes()).unwrap();
+        stream.write_all(&[b'x'; 1000]).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        // The gateway may close before the rest is taken; the answer is what matters.
+        let _ = stream.write_all(&[b'x'; 599_000]);
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer);
+        String::from_utf8_lossy(&answer).into_owned()
+    })
+    .await
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.ends_with("too big"), "{answer}");
+}
+
+#[tokio::test]
+async fn only_a_request_that_is_safe_to_repeat_is_sent_again_after_a_dropped_connection() {
+    let upstream = RawUpstream::start(Manner::Vanish).await;
+    let stack = stack_before(&upstream).await;
+    let client = reqwest::Client::new();
+    // Each first request pools a connection that the app will drop on the next one.
+    assert_eq!(
+        client
+            .get(stack.url("/raw/warm"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let post = client.post(stack.url("/raw/act")).send().await.unwrap();
+    assert_eq!(post.status(), 502);
+    let closing = post
+        .headers()
+        .get("connection")
+        .is_some_and(|value| value == "close");
+    assert!(closing, "a broken exchange closes: {:?}", post.headers());
+
+    assert_eq!(
+        client
+            .get(stack.url("/raw/warm"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let get = client.get(stack.url("/raw/read")).send().await.unwrap();
+    assert_eq!(get.status(), 200);
+
+    let seen = upstream.requests();
+    let count = |line: &str| seen.iter().filter(|head| head.starts_with(line)).count();
+    assert_eq!(count("POST /raw/act "), 1, "{seen:?}");
+    assert_eq!(count("GET /raw/read "), 2, "{seen:?}");
+}
+
+#[tokio::test]
+async fn the_apps_connection_fields_stop_at_the_gateway_and_http_1_0_gets_no_chunks() {
+    let upstream = RawUpstream::start(Manner::HopByHop).await;
+    let stack = stack_before(&upstream).await;
+    let request = "GET /raw/fields HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n";
+    let answer = exchange_until_closed(&stack, request).await;
+    let lower = answer.to_ascii_lowercase();
+    assert!(lower.contains("x-kept: yes"), "{answer}");
+    for gone in ["x-secret", "proxy-connection", "\r\nte:", "\r\ntrailer:"] {
+        assert!(
+            !lower.contains(gone),
+            "{gone} reached the client:\n{answer}"
+        );
+    }
+
+    let old = "GET /raw/old HTTP/1.0\r\n\r\n";
+    let answer = exchange_until_closed(&stack, old).await;
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+    assert!(
+        !head.to_ascii_lowercase().contains("transfer-encoding"),
+        "{head}"
+    );
+    assert_eq!(body, "streamed until close");
+}
+
+/// Sends `request` and reads until the gateway closes the connection.
+async fn exchange_until_closed(stack: &Stack, request: &'static str) -> String {
+    let gateway = stack.gateway;
+    tokio::task::spawn_blocking(move || exchange(gateway, request.as_bytes(), "\u{0}"))
+        .await
+        .unwrap()
 }
