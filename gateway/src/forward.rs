@@ -142,8 +142,10 @@ async fn send(
     let mut received = 0u64;
     let mut write_failed = None;
     loop {
-        // The whole body is due by the deadline, however steadily it trickles in.
-        let next = tokio::time::timeout_at(rules.deadline.into(), session.read_request_body());
+        // The whole body is due by the deadline, however steadily it trickles in. The timer
+        // starts only if the read has to wait, so a request without a body pays for none.
+        let left = rules.deadline.saturating_duration_since(Instant::now());
+        let next = pingora::time::timeout(left, session.read_request_body());
         let Ok(chunk) = next.await else {
             return Error::e_explain(ErrorType::HTTPStatus(408), "request body too slow");
         };

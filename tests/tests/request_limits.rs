@@ -620,3 +620,25 @@ async fn requests_the_gateway_cannot_pass_on_faithfully_are_refused() {
     assert_eq!(stack.upstream.count("/api/v1/generate"), 0);
     assert_eq!(stack.upstream.count("/api/v1/anything"), 0);
 }
+
+#[tokio::test]
+async fn a_body_that_trickles_past_the_whole_body_deadline_gets_408() {
+    let config = shipped().replace(
+        "body_read_timeout_secs = 10",
+        "body_read_timeout_secs = 10\nbody_timeout_secs = 2",
+    );
+    let stack = stack_with(config).await;
+    let gateway = stack.gateway;
+    // Each byte comes well within the 10 s allowed between reads; the whole never arrives.
+    let head = "POST /api/v1/stripe/webhook HTTP/1.1\r\nHost: t\r\nContent-Length: 305\r\n\r\n";
+    let (answer, after) = tokio::task::spawn_blocking(move || {
+        send_slowly(gateway, head, &[b'x'; 30], Duration::from_millis(400))
+    })
+    .await
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        after < Duration::from_millis(3500),
+        "answered after {after:?}"
+    );
+}
