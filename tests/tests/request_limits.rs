@@ -492,7 +492,19 @@ window_secs = 60
 
 /// Writes `head` on a new connection, then `body` a byte every `pause`, and returns what the
 /// gateway answered and when the answer began, measured from the head.
-fn send_slowly(
+async fn send_slowly(
+    stack: &Stack,
+    head: &'static str,
+    body: &'static [u8],
+    pause: Duration,
+) -> (String, Duration) {
+    let gateway = stack.gateway;
+    tokio::task::spawn_blocking(move || send_slowly_blocking(gateway, head, body, pause))
+        .await
+        .unwrap()
+}
+
+fn send_slowly_blocking(
     gateway: std::net::SocketAddr,
     head: &'static str,
     body: &'static [u8],
@@ -542,14 +554,10 @@ async fn stack_over_quota() -> Stack {
 #[tokio::test]
 async fn a_refused_client_waiting_to_send_its_body_hears_no_at_once() {
     let stack = stack_over_quota().await;
-    let gateway = stack.gateway;
     let head = "POST /api/v1/generate HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\n\
                 Content-Length: 5000\r\n\r\n";
     // The body would only follow a 100 Continue, which must not come.
-    let (answer, after) =
-        tokio::task::spawn_blocking(move || send_slowly(gateway, head, b"", Duration::ZERO))
-            .await
-            .unwrap();
+    let (answer, after) = send_slowly(&stack, head, b"", Duration::ZERO).await;
     assert!(answer.starts_with("HTTP/1.1 429"), "{answer}");
     assert!(!answer.contains("100 Continue"), "{answer}");
     assert!(after < Duration::from_secs(1), "answered after {after:?}");
@@ -562,13 +570,8 @@ async fn a_refused_client_waiting_to_send_its_body_hears_no_at_once() {
 #[tokio::test]
 async fn a_refused_client_trickling_its_body_is_answered_and_let_go() {
     let stack = stack_over_quota().await;
-    let gateway = stack.gateway;
     let head = "POST /api/v1/generate HTTP/1.1\r\nHost: t\r\nContent-Length: 60000\r\n\r\n";
-    let (answer, after) = tokio::task::spawn_blocking(move || {
-        send_slowly(gateway, head, &[b'x'; 60], Duration::from_millis(300))
-    })
-    .await
-    .unwrap();
+    let (answer, after) = send_slowly(&stack, head, &[b'x'; 60], Duration::from_millis(300)).await;
     assert!(answer.starts_with("HTTP/1.1 429"), "{answer}");
     assert!(after < Duration::from_secs(3), "answered after {after:?}");
     assert!(
@@ -580,20 +583,15 @@ async fn a_refused_client_trickling_its_body_is_answered_and_let_go() {
 #[tokio::test]
 async fn a_lower_case_method_meets_the_same_limits() {
     let stack = stack_over_quota().await;
-    let gateway = stack.gateway;
     let head = "post /api/v1/generate HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\
                 Connection: close\r\n\r\n";
-    let (answer, _) =
-        tokio::task::spawn_blocking(move || send_slowly(gateway, head, b"", Duration::ZERO))
-            .await
-            .unwrap();
+    let (answer, _) = send_slowly(&stack, head, b"", Duration::ZERO).await;
     assert!(answer.starts_with("HTTP/1.1 429"), "{answer}");
 }
 
 #[tokio::test]
 async fn requests_the_gateway_cannot_pass_on_faithfully_are_refused() {
     let stack = Stack::start(StackOptions::default()).await;
-    let gateway = stack.gateway;
     let cases: [(&'static str, &str); 4] = [
         ("GET /api/v1/anything HTTP/1.1\r\n\r\n", "HTTP/1.1 400"),
         (
@@ -611,10 +609,7 @@ async fn requests_the_gateway_cannot_pass_on_faithfully_are_refused() {
         ),
     ];
     for (head, wanted) in cases {
-        let (answer, _) =
-            tokio::task::spawn_blocking(move || send_slowly(gateway, head, b"", Duration::ZERO))
-                .await
-                .unwrap();
+        let (answer, _) = send_slowly(&stack, head, b"", Duration::ZERO).await;
         assert!(answer.starts_with(wanted), "{head:?} got {answer}");
     }
     assert_eq!(stack.upstream.count("/api/v1/generate"), 0);
@@ -628,14 +623,9 @@ async fn a_body_that_trickles_past_the_whole_body_deadline_gets_408() {
         "body_read_timeout_secs = 10\nbody_timeout_secs = 2",
     );
     let stack = stack_with(config).await;
-    let gateway = stack.gateway;
     // Each byte comes well within the 10 s allowed between reads; the whole never arrives.
     let head = "POST /api/v1/stripe/webhook HTTP/1.1\r\nHost: t\r\nContent-Length: 305\r\n\r\n";
-    let (answer, after) = tokio::task::spawn_blocking(move || {
-        send_slowly(gateway, head, &[b'x'; 30], Duration::from_millis(400))
-    })
-    .await
-    .unwrap();
+    let (answer, after) = send_slowly(&stack, head, &[b'x'; 30], Duration::from_millis(400)).await;
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(
         after < Duration::from_millis(3500),

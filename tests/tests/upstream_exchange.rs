@@ -402,15 +402,15 @@ async fn only_a_request_that_is_safe_to_repeat_is_sent_again_after_a_dropped_con
     let stack = stack_before(&upstream).await;
     let client = reqwest::Client::new();
     // Each first request pools a connection that the app will drop on the next one.
-    assert_eq!(
+    let warm = || async {
         client
             .get(stack.url("/raw/warm"))
             .send()
             .await
             .unwrap()
-            .status(),
-        200
-    );
+            .status()
+    };
+    assert_eq!(warm().await, 200);
     let post = client.post(stack.url("/raw/act")).send().await.unwrap();
     assert_eq!(post.status(), 502);
     let closing = post
@@ -419,15 +419,7 @@ async fn only_a_request_that_is_safe_to_repeat_is_sent_again_after_a_dropped_con
         .is_some_and(|value| value == "close");
     assert!(closing, "a broken exchange closes: {:?}", post.headers());
 
-    assert_eq!(
-        client
-            .get(stack.url("/raw/warm"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(warm().await, 200);
     let get = client.get(stack.url("/raw/read")).send().await.unwrap();
     assert_eq!(get.status(), 200);
 
