@@ -173,13 +173,19 @@ async fn stack_before(upstream: &RawUpstream) -> Stack {
     .await
 }
 
-/// Sends `request` on a new connection and reads until the gateway closes it or `wanted`
-/// appears.
-fn exchange(gateway: SocketAddr, request: &[u8], wanted: &str) -> String {
-    let mut stream = TcpStream::connect(gateway).unwrap();
+/// A client connection to the gateway whose reads give up after 5 s.
+fn connect(gateway: SocketAddr) -> TcpStream {
+    let stream = TcpStream::connect(gateway).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap();
+    stream
+}
+
+/// Sends `request` on a new connection and reads until the gateway closes it or `wanted`
+/// appears.
+fn exchange(gateway: SocketAddr, request: &[u8], wanted: &str) -> String {
+    let mut stream = connect(gateway);
     stream.write_all(request).unwrap();
     let mut received = Vec::new();
     let mut chunk = [0u8; 4096];
@@ -264,10 +270,7 @@ async fn a_client_waiting_for_100_continue_gets_it_from_the_gateway() {
     let stack = stack_before(&upstream).await;
     let gateway = stack.gateway;
     let answer = tokio::task::spawn_blocking(move || {
-        let mut stream = TcpStream::connect(gateway).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
+        let mut stream = connect(gateway);
         let head = "POST /raw/upload HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\n\
                     Expect: 100-continue\r\n\r\n";
         stream.write_all(head.as_bytes()).unwrap();
@@ -376,10 +379,7 @@ async fn an_app_that_refuses_a_body_before_reading_it_is_heard() {
     let stack = stack_before(&upstream).await;
     let gateway = stack.gateway;
     let answer = tokio::task::spawn_blocking(move || {
-        let mut stream = TcpStream::connect(gateway).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
+        let mut stream = connect(gateway);
         let head = "POST /raw/upload HTTP/1.1\r\nHost: t\r\nContent-Length: 600000\r\n\r\n";
         stream.write_all(head.as_bytes()).unwrap();
         stream.write_all(&[b'x'; 1000]).unwrap();
