@@ -205,8 +205,8 @@ impl Gateway {
             return Ok(true);
         }
         if let Some((status, title, detail)) = unservable(session.req_header()) {
-            respond_problem(session, ctx, status, title, detail).await?;
             session.set_keepalive(None);
+            respond_problem(session, ctx, status, title, detail).await?;
             return Ok(true);
         }
         if config.health_paths.contains(&path) {
@@ -630,8 +630,9 @@ async fn refuse_oversized(session: &mut ServerSession, ctx: &RequestContext) -> 
         return Ok(false);
     }
     let detail = format!("the request body may be at most {} bytes", ctx.body_limit);
-    respond_problem(session, ctx, 413, "Content Too Large", &detail).await?;
+    // The body stays unread, so the connection closes, and the answer says so.
     session.set_keepalive(None);
+    respond_problem(session, ctx, 413, "Content Too Large", &detail).await?;
     Ok(true)
 }
 

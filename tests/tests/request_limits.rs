@@ -611,6 +611,8 @@ async fn requests_the_gateway_cannot_pass_on_faithfully_are_refused() {
     for (head, wanted) in cases {
         let (answer, _) = send_slowly(&stack, head, b"", Duration::ZERO).await;
         assert!(answer.starts_with(wanted), "{head:?} got {answer}");
+        let closing = answer.to_ascii_lowercase().contains("connection: close");
+        assert!(closing, "{head:?} got {answer}");
     }
     assert_eq!(stack.upstream.count("/api/v1/generate"), 0);
     assert_eq!(stack.upstream.count("/api/v1/anything"), 0);
