@@ -27,9 +27,9 @@ pub struct BodyRules {
     pub deadline: Instant,
 }
 
-/// Request fields that concern one connection only and are never forwarded (RFC 9110 section
-/// 7.6.1, plus the non-standard `Proxy-Connection`). `Transfer-Encoding` is kept when the
-/// body is chunked, since the upstream needs the framing.
+/// Fields that concern one connection only and are never passed on, in either direction
+/// (RFC 9110 section 7.6.1, plus the non-standard `Proxy-Connection`). `Transfer-Encoding`
+/// is kept, since the other side needs the framing.
 const HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
@@ -73,8 +73,8 @@ pub async fn forward(
     let upstreams_fault =
         matches!(&answered, Err(error) if error.esource() == &ErrorSource::Upstream);
     if upstreams_fault && connection.reused && replayable {
-        // The upstream closed the pooled connection while it idled; a request without a
-        // body is safe to send once more on a new one.
+        // The upstream dropped the pooled connection; a bodiless request that is safe to
+        // repeat goes once more on a new one.
         connection = upstream::connect_fresh(upstream)
             .await
             .map_err(upstream_error)?;

@@ -247,13 +247,15 @@ fn applies(limit: &LimitConfig, method: &str, path: &str, caller: &Caller) -> bo
     audience && matches_request(limit, method, path)
 }
 
+/// Methods are case-sensitive, but many apps upper-case them, so `post` meets the limits
+/// that `POST` meets.
 fn matches_request(limit: &LimitConfig, method: &str, path: &str) -> bool {
     let method = limit.matcher.methods.is_empty()
         || limit
             .matcher
             .methods
             .iter()
-            .any(|allowed| allowed == method);
+            .any(|allowed| allowed.eq_ignore_ascii_case(method));
     let path = match &limit.matcher.path {
         PathMatch::Exact(exact) => path == exact,
         PathMatch::Prefix(prefix) => path.starts_with(prefix.as_str()),

@@ -191,9 +191,7 @@ impl Gateway {
         session.set_read_timeout(Some(Duration::from_secs(config.body_read_timeout_secs)));
         // Pipelined requests are answered in order and each is counted on its own.
         session.set_pipelining_enabled(true);
-        // Methods are case-sensitive, but many apps upper-case them: `post` must meet the
-        // limits that `POST` meets.
-        let method = session.req_header().method.as_str().to_ascii_uppercase();
+        let method = session.req_header().method.as_str().to_owned();
         ctx.normalised_path = routing::normalise(session.req_header().uri.path());
         let path = ctx.normalised_path.clone();
 
